@@ -1,0 +1,142 @@
+"""Machine-readable model cards (JSON next to each model: ``model_x.card.json``).
+
+Training writes the card's first half (recipe, validation metrics, threshold,
+temperature); ``evaluate --write-card`` adds the test metrics with bootstrap
+CIs.  Nothing in a card is typed by hand.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .registry import TaskSpec, get_task
+
+SCHEMA = "medclassify-model-card/1"
+
+INTENDED_USE = (
+    "Research and education: demonstrating classification of MedMNIST-style images. "
+    "Not a medical device; not for diagnosis, triage or any clinical decision."
+)
+
+LIMITATIONS = {
+    "blood": [
+        "Trained on 28x28 thumbnails: fine morphology (granules, nuclear chromatin) is mostly lost.",
+        "Single-centre data (Hospital Clinic de Barcelona, CellaVision DM96, May-Grunwald Giemsa stain); "
+        "other stains, scanners or magnifications may shift predictions.",
+        "Only normal cells from healthy donors: leukaemic blasts and other abnormal cells are not among the classes.",
+        "Expects one centred cell; full-size images are centre-cropped like MedMNIST (200/360 of the shorter side).",
+    ],
+    "breast": [
+        "Trained on 546 28x28 thumbnails from one public dataset (BUSI, 600 women, one centre).",
+        "'normal/benign' merges two clinically distinct classes (MedMNIST's binary task).",
+        "Threshold chosen on a 78-image validation split: sensitivity and specificity estimates are uncertain "
+        "(see the confidence intervals).",
+        "Full-size images are resized to 28x28 like MedMNIST; annotations, calipers or text on the image may "
+        "change the prediction.",
+    ],
+}
+
+
+def card_path(model_path: str | os.PathLike) -> Path:
+    return Path(model_path).with_suffix(".card.json")
+
+
+def read_card(model_path: str | os.PathLike) -> dict:
+    path = card_path(model_path)
+    if not path.exists():
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def write_card(model_path: str | os.PathLike, card: dict) -> Path:
+    path = card_path(model_path)
+    with open(path, "w") as fh:
+        json.dump(card, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return path
+
+
+def input_spec(spec: TaskSpec) -> dict:
+    return {
+        "shape": list(spec.input_shape),
+        "dtype": "float32 pixel values 0..255 (the model rescales internally)",
+        "channels": "RGB" if spec.channels == 3 else "grayscale",
+        "preprocessing": (
+            "decode (first frame, EXIF orientation) -> convert to "
+            + ("RGB" if spec.channels == 3 else "grayscale")
+            + (" -> centre-crop 200/360 of the shorter side (MedMNIST's 360x363 -> 200x200 crop)"
+               if spec.source_center_crop else "")
+            + f" -> bicubic resize to {spec.image_size}x{spec.image_size}; "
+            "MedMNIST(+) thumbnails (square 28/64/128/224 px) are only resized"
+        ),
+        "expected_input": spec.expected_input,
+    }
+
+
+def write_training_card(model_path, result, command: str) -> Path:
+    from .training import config_dict, environment
+
+    spec = get_task(result.config.task)
+    card = {
+        "schema": SCHEMA,
+        "name": Path(model_path).stem,
+        "version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": spec.name,
+        "title": spec.title,
+        "description": spec.description,
+        "classes": list(spec.class_names),
+        "input": input_spec(spec),
+        "decision": {
+            "rule": spec.decision,
+            "positive_class": spec.class_names[spec.positive_class] if spec.positive_class is not None else None,
+            "threshold": result.threshold,
+            "threshold_rule": (
+                f"highest threshold on P({spec.class_names[spec.positive_class]}) keeping validation sensitivity "
+                f">= {result.config.target_sensitivity}" if spec.decision == "threshold" else None
+            ),
+        },
+        "calibration": {"method": "temperature scaling fitted on the validation split (NLL)",
+                        "temperature": result.temperature},
+        "training": {
+            "command": command,
+            "config": config_dict(result.config),
+            "seed": result.config.seed,
+            "best_epoch": result.best_epoch,
+            "wall_time_s": round(result.wall_time_s, 1),
+            "environment": environment(),
+            "history": result.history,
+        },
+        "data": {
+            "dataset": spec.flag,
+            "source": spec.source,
+            "licence": spec.licence,
+            "citation": spec.citation,
+            "splits": "official MedMNIST train (fit), val (selection, temperature, threshold), test (reporting only)",
+        },
+        "validation": result.val_metrics,
+        "test": None,
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS[spec.name],
+    }
+    return write_card(model_path, card)
+
+
+def add_evaluation(model_path, metrics: dict, command: str) -> Path:
+    card = read_card(model_path)
+    if not card:
+        raise FileNotFoundError(f"{card_path(model_path)} not found: train the model with medclassify first")
+    card[metrics.get("split", "test")] = metrics
+    card.setdefault("evaluation_commands", {})[metrics.get("split", "test")] = command
+    return write_card(model_path, card)
+
+
+def set_section(model_path, key: str, value) -> Path:
+    card = read_card(model_path)
+    card[key] = value
+    return write_card(model_path, card)

@@ -1,0 +1,212 @@
+"""Command line: ``python -m medclassify {train,evaluate,predict,export,fit-ood} ...``.
+
+Exit status: 0 success, 1 when any input failed, 2 on usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from .registry import TASKS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 on usage errors; keep that, with a short message
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m medclassify", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def task_arg(p):
+        p.add_argument("--task", required=True, choices=sorted(TASKS), help="which classifier")
+
+    def data_arg(p):
+        p.add_argument("--data-dir", help="folder with the MedMNIST npz files (default $MEDMNIST_ROOT or ~/.medmnist)")
+
+    t = sub.add_parser("train", help="train a model on the official training split")
+    task_arg(t)
+    data_arg(t)
+    t.add_argument("--model", choices=("cnn", "vgg16"), default="cnn")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--label-smoothing", type=float, default=0.05)
+    t.add_argument("--widths", default="32,64,128", help="CNN channels per stage")
+    t.add_argument("--dropout", type=float, default=0.3)
+    t.add_argument("--no-augment", action="store_true", help="train without augmentation layers")
+    t.add_argument("--class-weight", action="store_true", help="balanced class weights")
+    t.add_argument("--smote", action="store_true", help="SMOTE-oversample the training split")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, help="use a small stratified subset (smoke runs)")
+    t.add_argument("--vgg16-weights", help="VGG16 notop h5 (default $VGG16_WEIGHTS, else download 'imagenet')")
+    t.add_argument("--vgg16-input-size", type=int, default=32)
+    t.add_argument("--finetune-epochs", type=int, default=0, help="VGG16: epochs with the base unfrozen")
+    t.add_argument("--finetune-lr", type=float, default=1e-4)
+    t.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="breast: validation sensitivity for malignant the threshold must keep")
+    t.add_argument("--out", help="output .h5 (default: the task's model file at the repo root)")
+    t.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("evaluate", help="metrics of a saved model on an official split")
+    task_arg(e)
+    data_arg(e)
+    e.add_argument("--model", help="model file (default: the shipped model)")
+    e.add_argument("--split", choices=("val", "test"), default="test")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% CIs (e.g. 1000)")
+    e.add_argument("--write-card", action="store_true", help="store the metrics in the model card")
+
+    p = sub.add_parser("predict", help="classify image files, folders or globs")
+    task_arg(p)
+    p.add_argument("--model", help="model file (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+
+    x = sub.add_parser("export", help="export a model for TensorFlow Serving")
+    task_arg(x)
+    x.add_argument("--model", help="model file (default: the shipped model)")
+    x.add_argument("--format", choices=("savedmodel",), default="savedmodel")
+    x.add_argument("--out", required=True, help="output folder (TF Serving expects <name>/<version>/)")
+
+    o = sub.add_parser("fit-ood", help="fit the out-of-distribution rule (train statistics, validation threshold)")
+    task_arg(o)
+    data_arg(o)
+    o.add_argument("--model", help="model file (default: the shipped model)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
+               "fit-ood": _fit_ood}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _command_line(argv=None) -> str:
+    return "python -m medclassify " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+
+def _train(args) -> int:
+    from .data import DataError
+    from .registry import get_task
+    from .training import TrainConfig, save_trained, train
+
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        print(f"error: --widths must be comma-separated integers, got {args.widths!r}", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(
+        task=args.task, model=args.model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, augment=not args.no_augment,
+        class_weight=args.class_weight, smote=args.smote, widths=widths, dropout=args.dropout, seed=args.seed,
+        limit=args.limit, data_dir=args.data_dir, vgg16_weights=args.vgg16_weights,
+        vgg16_input_size=args.vgg16_input_size, finetune_epochs=args.finetune_epochs,
+        finetune_learning_rate=args.finetune_lr, target_sensitivity=args.target_sensitivity,
+        verbose=0 if args.quiet else (1 if sys.stderr.isatty() else 2),
+    )
+    out = args.out or str(get_task(args.task).model_path)
+    try:
+        result = train(cfg)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    save_trained(result, out, command=_command_line())
+    from .ood import fit_ood
+
+    fit_ood(args.task, out, args.data_dir)
+    summary = {k: result.val_metrics[k] for k in ("accuracy", "balanced_accuracy", "auc")}
+    summary.update(model=out, best_epoch=result.best_epoch, temperature=round(result.temperature, 4),
+                   threshold=result.threshold, wall_time_s=round(result.wall_time_s, 1))
+    print(json.dumps({"validation": summary}))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .cards import add_evaluation
+    from .data import DataError
+    from .evaluation import evaluate
+
+    try:
+        metrics = evaluate(args.task, args.model, args.split, args.data_dir, bootstrap=args.bootstrap)
+    except (DataError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.write_card:
+        add_evaluation(metrics["model"], metrics, _command_line())
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        _print_metrics(metrics)
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    ci = m.get("ci95", {})
+
+    def line(key, label=None):
+        value = m[key]
+        extra = f"  (95% CI {ci[key][0]:.4f}-{ci[key][1]:.4f})" if key in ci else ""
+        print(f"{label or key:<22}{value:.4f}{extra}")
+
+    print(f"{m['task']} model {m['model']} on the {m['split']} split (n={m['n']})")
+    for key in ("accuracy", "balanced_accuracy", "auc", "precision_macro", "recall_macro", "f1_macro",
+                "precision_weighted", "recall_weighted", "f1_weighted", "ece"):
+        line(key)
+    if "threshold" in m:
+        print(f"{'threshold':<22}{m['threshold']:.4f}")
+        for key in ("sensitivity", "specificity", "accuracy_at_0_5"):
+            line(key)
+    print("per class:")
+    for name, row in m["per_class"].items():
+        print(f"  {name:<24} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+              f"f1 {row['f1']:.3f}  n={row['support']}")
+    print("confusion matrix (rows = true, columns = predicted):")
+    for row in m["confusion_matrix"]:
+        print("  " + " ".join(f"{v:5d}" for v in row))
+
+
+def _predict(args) -> int:
+    from .inference import run_predict_cli
+
+    return run_predict_cli(args)
+
+
+def _export(args) -> int:
+    from .inference import export_savedmodel
+
+    out = export_savedmodel(args.task, args.out, args.model)
+    print(f"SavedModel written to {out}")
+    return 0
+
+
+def _fit_ood(args) -> int:
+    from .data import DataError
+    from .ood import fit_ood
+
+    try:
+        settings = fit_ood(args.task, args.model, args.data_dir)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(settings))
+    return 0

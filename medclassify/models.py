@@ -1,0 +1,192 @@
+"""Model builders (Keras functional API).
+
+Every model takes uint8-range pixels (0..255) of the task's input shape and does
+its own rescaling, so callers can never feed it differently in training and
+serving.  Augmentation layers sit inside the model too; Keras runs them only
+when ``training=True``.  The head ends in three named layers:
+
+    logits -> temperature (Rescaling by 1/T) -> probabilities (softmax)
+
+so temperature scaling is part of the saved model and every caller gets the
+calibrated probabilities.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from .registry import TaskSpec, get_task
+
+MODEL_KINDS = ("cnn", "vgg16")
+
+# ImageNet channel means in BGR order, as keras.applications.vgg16.preprocess_input uses.
+_VGG_BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def augmentation_layers(spec: TaskSpec) -> list:
+    """Augmentations that respect each modality.
+
+    Blood cells have no preferred orientation, so all flips and full rotations
+    are label-preserving; ultrasound has a top (the transducer), so only a
+    horizontal flip and small rotations.
+    """
+    layers = _keras().layers
+    if spec.name == "blood":
+        return [
+            layers.RandomFlip("horizontal_and_vertical", name="aug_flip"),
+            layers.RandomRotation(0.5, fill_mode="reflect", name="aug_rotate"),
+            layers.RandomTranslation(0.08, 0.08, fill_mode="reflect", name="aug_translate"),
+            layers.RandomZoom((-0.1, 0.1), fill_mode="reflect", name="aug_zoom"),
+            layers.RandomBrightness(0.08, value_range=(0, 255), name="aug_brightness"),
+            layers.RandomContrast(0.1, value_range=(0, 255), name="aug_contrast"),
+        ]
+    return [
+        layers.RandomFlip("horizontal", name="aug_flip"),
+        layers.RandomRotation(0.04, fill_mode="reflect", name="aug_rotate"),
+        layers.RandomTranslation(0.08, 0.08, fill_mode="reflect", name="aug_translate"),
+        layers.RandomZoom((-0.12, 0.12), fill_mode="reflect", name="aug_zoom"),
+        layers.RandomContrast(0.15, value_range=(0, 255), name="aug_contrast"),
+    ]
+
+
+def _head(x, spec: TaskSpec, dropout: float):
+    layers = _keras().layers
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="head_dropout")(x)
+    logits = layers.Dense(spec.num_classes, name="logits")(x)
+    scaled = layers.Rescaling(1.0, name="temperature")(logits)
+    return layers.Activation("softmax", dtype="float32", name="probabilities")(scaled)
+
+
+def _conv_bn(x, filters: int, name: str, stride: int = 1):
+    layers = _keras().layers
+    x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def build_cnn(task: str | TaskSpec, augment: bool = True, widths: tuple[int, ...] = (32, 64, 128),
+              dropout: float = 0.3, name: Optional[str] = None):
+    """Self-designed CNN: three stages of two 3x3 conv-BN-ReLU layers with a residual
+    shortcut, max-pooling between stages, global average pooling."""
+    keras = _keras()
+    layers = keras.layers
+    spec = get_task(task) if isinstance(task, str) else task
+    inputs = keras.Input(shape=spec.input_shape, name="image")
+    x = inputs
+    if augment:
+        for layer in augmentation_layers(spec):
+            x = layer(x)
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    for stage, filters in enumerate(widths, start=1):
+        if stage > 1:
+            x = layers.MaxPooling2D(2, name=f"stage{stage}_pool")(x)
+        shortcut = layers.Conv2D(filters, 1, use_bias=False, name=f"stage{stage}_proj")(x)
+        x = _conv_bn(x, filters, f"stage{stage}a")
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"stage{stage}b_conv")(x)
+        x = layers.BatchNormalization(name=f"stage{stage}b_bn")(x)
+        x = layers.Add(name=f"stage{stage}_add")([x, shortcut])
+        x = layers.Activation("relu", name=f"stage{stage}_out")(x)
+    outputs = _head(x, spec, dropout)
+    return keras.Model(inputs, outputs, name=name or f"{spec.name}_cnn")
+
+
+def vgg16_weights_path(weights: Optional[str] = None) -> str:
+    """``weights`` if given, else ``$VGG16_WEIGHTS``, else Keras's ImageNet download."""
+    return weights or os.environ.get("VGG16_WEIGHTS") or "imagenet"
+
+
+def build_vgg16(task: str | TaskSpec, weights: Optional[str] = None, augment: bool = True,
+                input_size: int = 32, dropout: float = 0.4, trainable_base: bool = False,
+                name: Optional[str] = None):
+    """VGG16 ImageNet transfer model.
+
+    The 28-px image is upsampled to ``input_size`` (VGG16 needs >= 32), grayscale
+    is repeated to three channels, and VGG16's Caffe preprocessing (RGB->BGR,
+    ImageNet mean subtraction) is a frozen 1x1 convolution, so the saved model
+    contains only standard layers.  The VGG16 layers are inlined into this
+    model rather than nested, so Grad-CAM can reach the last convolution.
+    """
+    keras = _keras()
+    layers = keras.layers
+    spec = get_task(task) if isinstance(task, str) else task
+    inputs = keras.Input(shape=spec.input_shape, name="image")
+    x = inputs
+    if augment:
+        for layer in augmentation_layers(spec):
+            x = layer(x)
+    x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="upsample")(x)
+    caffe = layers.Conv2D(3, 1, name="vgg_preprocess", trainable=False)
+    x = caffe(x)
+    kernel = np.zeros((1, 1, spec.channels, 3), dtype=np.float32)
+    if spec.channels == 1:
+        kernel[0, 0, 0, :] = 1.0
+    else:
+        for bgr, rgb in enumerate((2, 1, 0)):
+            kernel[0, 0, rgb, bgr] = 1.0
+    caffe.set_weights([kernel, -_VGG_BGR_MEANS])
+
+    base = keras.applications.VGG16(include_top=False, weights=vgg16_weights_path(weights),
+                                    input_shape=(input_size, input_size, 3))
+    for layer in base.layers[1:]:
+        layer.trainable = trainable_base
+        x = layer(x)
+    outputs = _head(x, spec, dropout)
+    return keras.Model(inputs, outputs, name=name or f"{spec.name}_vgg16")
+
+
+def set_base_trainable(model, trainable: bool, from_block: int = 1) -> None:
+    """Unfreeze (or freeze) the VGG16 blocks ``from_block``..5 of a model from ``build_vgg16``."""
+    for layer in model.layers:
+        if layer.name.startswith("block"):
+            block = int(layer.name[5])
+            layer.trainable = trainable and block >= from_block
+
+
+def with_temperature(model, temperature: float):
+    """The same model (shared weights) whose softmax is applied to logits / T."""
+    keras = _keras()
+    layers = keras.layers
+    logits = model.get_layer("logits").output
+    scaled = layers.Rescaling(1.0 / float(temperature), name="temperature")(logits)
+    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(scaled)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
+def model_temperature(model) -> float:
+    try:
+        return 1.0 / float(model.get_layer("temperature").scale)
+    except ValueError:
+        return 1.0
+
+
+def last_conv_layer(model):
+    """The last 2-D convolution: the layer Grad-CAM explains."""
+    keras = _keras()
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.Conv2D) and layer.name != "vgg_preprocess":
+            return layer
+    raise ValueError(f"model {model.name} has no convolution layer")
+
+
+def load_model(path):
+    """Load a saved ``.h5``/``.keras`` model for inference (no optimizer state)."""
+    keras = _keras()
+    return keras.models.load_model(str(path), compile=False)
+
+
+def build_model(kind: str, task: str | TaskSpec, **kwargs):
+    if kind == "cnn":
+        return build_cnn(task, **kwargs)
+    if kind == "vgg16":
+        return build_vgg16(task, **kwargs)
+    raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")

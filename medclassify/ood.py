@@ -1,0 +1,133 @@
+""""Unlike the training data" checks.
+
+Three rules, all calibrated on the official splits (never on test):
+
+1. Modality: BloodMNIST images are stained (colourful); BreastMNIST images
+   are grayscale.  A grayscale image sent to the blood model, or a colour
+   image sent to the ultrasound model, is the wrong kind of image.
+2. Blank: an image with (almost) no contrast carries nothing to classify.
+3. Feature distance: the Mahalanobis distance of the model's pooled features
+   to the nearest class mean (class means and a shared covariance from the
+   training split; Lee et al. 2018).  The threshold is the 99th percentile of
+   the validation distances, so about 1% of in-distribution images are flagged.
+
+Statistics live in ``model_x.ood.npz`` beside the model; thresholds in the card.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .registry import TaskSpec, get_task
+
+#: Colourfulness (Hasler & Suesstrunk) above which an image is not grayscale.
+GRAYSCALE_MAX_COLOURFULNESS = 8.0
+#: Standard deviation of the 28-px image below which it counts as blank.
+BLANK_MAX_STD = 3.0
+VALIDATION_QUANTILE = 0.99
+
+
+def ood_path(model_path) -> Path:
+    return Path(model_path).with_suffix(".ood.npz")
+
+
+@dataclass
+class Verdict:
+    flagged: bool
+    reasons: list[str] = field(default_factory=list)
+    score: Optional[float] = None
+
+
+class OODDetector:
+    def __init__(self, spec: TaskSpec, means=None, precision=None, threshold: Optional[float] = None,
+                 min_colourfulness: Optional[float] = None):
+        self.spec = spec
+        self.means = None if means is None else np.asarray(means, dtype=np.float64)
+        self.precision = None if precision is None else np.asarray(precision, dtype=np.float64)
+        self.threshold = threshold
+        self.min_colourfulness = min_colourfulness
+
+    @classmethod
+    def for_model(cls, spec: TaskSpec, model_path, card: dict) -> "OODDetector":
+        settings = (card or {}).get("ood") or {}
+        path = ood_path(model_path)
+        means = precision = None
+        if path.exists():
+            with np.load(path) as stats:
+                means, precision = stats["means"], stats["precision"]
+        return cls(spec, means, precision, settings.get("distance_threshold"), settings.get("min_colourfulness"))
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to the nearest class mean, per row."""
+        features = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        diffs = features[:, None, :] - self.means[None, :, :]  # (N, K, D)
+        d2 = np.einsum("nkd,de,nke->nk", diffs, self.precision, diffs)
+        return d2.min(axis=1)
+
+    def check(self, prepared, probabilities: np.ndarray, features: np.ndarray) -> Verdict:
+        reasons = []
+        colour = prepared.colourfulness
+        if self.spec.channels == 1 and colour > GRAYSCALE_MAX_COLOURFULNESS:
+            reasons.append("colour image: the breast model expects a grayscale ultrasound image")
+        if self.spec.channels == 3:
+            minimum = self.min_colourfulness or GRAYSCALE_MAX_COLOURFULNESS
+            if colour < minimum:
+                reasons.append("grayscale or washed-out image: the blood model expects a stained colour "
+                               "microscope image")
+        if float(np.asarray(prepared.array, dtype=np.float32).std()) < BLANK_MAX_STD:
+            reasons.append("blank image: there is almost no contrast to classify")
+        score = None
+        if self.means is not None and self.threshold is not None:
+            score = float(self.distances(features)[0])
+            if score > self.threshold:
+                reasons.append("unlike the training images (feature distance "
+                               f"{score:.0f} > {self.threshold:.0f}): the prediction is not reliable")
+        return Verdict(bool(reasons), reasons, score)
+
+
+def fit_ood(task: str, model_path=None, data_dir=None, quantile: float = VALIDATION_QUANTILE) -> dict:
+    """Fit the feature statistics on train and the thresholds on validation; write npz + card."""
+    from sklearn.covariance import LedoitWolf
+
+    from .cards import set_section
+    from .data import load_split
+    from .inference import Predictor
+    from .preprocessing import colourfulness
+
+    spec = get_task(task)
+    model_path = Path(model_path) if model_path else spec.model_path
+    predictor = Predictor(spec, model_path, warm=False)
+    train = load_split(spec, "train", data_dir=data_dir)
+    val = load_split(spec, "val", data_dir=data_dir)
+    train_feats = _features(predictor, train.images)
+    val_feats = _features(predictor, val.images)
+    means = np.stack([train_feats[train.labels == c].mean(axis=0) for c in range(spec.num_classes)])
+    centred = train_feats - means[train.labels]
+    covariance = LedoitWolf().fit(centred).covariance_
+    precision = np.linalg.pinv(covariance)
+    np.savez_compressed(ood_path(model_path), means=means.astype(np.float32), precision=precision.astype(np.float32))
+    detector = OODDetector(spec, means, precision)
+    val_d = detector.distances(val_feats)
+    threshold = float(np.quantile(val_d, quantile))
+    settings = {
+        "method": "Mahalanobis distance of pooled features to the nearest class mean (train statistics, "
+                  "Ledoit-Wolf covariance); modality and blank-image rules",
+        "distance_threshold": threshold,
+        "threshold_rule": f"{quantile:.0%} quantile of validation distances",
+        "statistics_file": ood_path(model_path).name,
+        "grayscale_max_colourfulness": GRAYSCALE_MAX_COLOURFULNESS,
+        "blank_max_std": BLANK_MAX_STD,
+    }
+    if spec.channels == 3:
+        val_colour = np.array([colourfulness(img) for img in val.images])
+        settings["min_colourfulness"] = float(max(GRAYSCALE_MAX_COLOURFULNESS, 0.5 * val_colour.min()))
+    set_section(model_path, "ood", settings)
+    return settings
+
+
+def _features(predictor, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    out = [predictor.predict_arrays(images[i:i + batch_size])[1] for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float64)

@@ -1,0 +1,228 @@
+"""Turning whatever a user uploads into the uint8 array the model expects.
+
+The model itself rescales pixels (a ``Rescaling`` layer), so this module never
+normalises: it only decodes, orients, converts channels and reduces size the
+way MedMNIST built each dataset from its source images (MedMNIST v2, Methods):
+
+* BloodMNIST: the 360x363 PBC originals were centre-cropped to 200x200, then
+  resized to 28x28.
+* BreastMNIST: the ~500x500 BUSI originals were resized to 28x28 (no crop).
+
+Images that already are MedMNIST(+) thumbnails -- square, 28/64/128/224 px --
+were cropped already, so they are only resized.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .registry import MEDMNIST_SIZES, TaskSpec, get_task
+
+ImageLike = Union[bytes, bytearray, str, os.PathLike, Image.Image, np.ndarray]
+
+#: Anything larger is refused before decoding (decompression bombs, huge scans).
+MAX_PIXELS = 50_000_000
+MAX_BYTES = 50 * 1024 * 1024
+#: Smaller than this carries no usable information.
+MIN_SIDE = 8
+
+
+class ImageError(ValueError):
+    """An input that cannot be turned into model input; the message is one line for the user."""
+
+
+def open_image(source: ImageLike) -> Image.Image:
+    """Decode ``source`` into a fully loaded PIL image (first frame, EXIF-oriented)."""
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        return _array_to_image(source)
+    else:
+        data = _read_bytes(source)
+        if data[:4] == b"DICM" or data[128:132] == b"DICM":
+            return _dicom_to_image(data)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                _check_dimensions(image.size)
+                image.seek(0)  # animated GIF/PNG/WebP: first frame
+                image.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"image is too large (over {MAX_PIXELS:,} pixels)") from None
+        except UnidentifiedImageError:
+            raise ImageError("not a recognised image file (png, jpg, bmp, tif, webp, gif or dcm)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError(f"image file is damaged or truncated ({_first_line(exc)})") from None
+    _check_dimensions(image.size)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not cost the user the image
+        pass
+    return image
+
+
+def _read_bytes(source) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"no such file: {path}")
+        if path.stat().st_size > MAX_BYTES:
+            raise ImageError(f"file is larger than {MAX_BYTES // (1024 * 1024)} MB")
+        data = path.read_bytes()
+    elif hasattr(source, "read"):  # file-like, e.g. Streamlit's UploadedFile
+        data = source.read()
+    else:
+        raise ImageError(f"cannot read an image from {type(source).__name__}")
+    if not data:
+        raise ImageError("file is empty")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"file is larger than {MAX_BYTES // (1024 * 1024)} MB")
+    return data
+
+
+def _check_dimensions(size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"image is too large ({width}x{height}; at most {MAX_PIXELS:,} pixels)")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"image is too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE} pixels)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(f"array of shape {array.shape} is not an image (H x W, H x W x 3 or H x W x 4)")
+    _check_dimensions((array.shape[1], array.shape[0]))
+    if array.dtype != np.uint8:
+        array = _to_uint8(array.astype(np.float64))
+    return Image.fromarray(array)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Stretch any numeric range to 0..255 (16-bit, integer and float images)."""
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _dicom_to_image(data: bytes) -> Image.Image:
+    try:
+        import pydicom
+
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        pixels = dataset.pixel_array
+    except Exception as exc:
+        raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        pixels = pixels[0]  # multi-frame: first frame
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1 shows low values as white
+    return _array_to_image(pixels)
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to L (channels=1) or RGB (channels=3)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = Image.fromarray(_to_uint8(np.asarray(image)))
+    elif mode == "P":
+        image = image.convert("RGBA")
+    elif mode == "CMYK" or mode == "YCbCr" or mode == "LAB" or mode == "HSV":
+        image = image.convert("RGB")
+    elif mode == "1":
+        image = image.convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Transparent pixels carry no image: show them as white, as a viewer would.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    target = "L" if channels == 1 else "RGB"
+    if image.mode != target:
+        image = image.convert(target)
+    return image
+
+
+def medmnist_geometry(image: Image.Image, spec: TaskSpec) -> Image.Image:
+    """Crop and resize as MedMNIST did for this dataset's source images."""
+    width, height = image.size
+    size = spec.image_size
+    is_thumbnail = width == height and width in MEDMNIST_SIZES
+    if not is_thumbnail and spec.source_center_crop:
+        side = max(1, round(min(width, height) * spec.source_center_crop))
+        left = (width - side) // 2
+        top = (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        # MedMNIST resized with cubic interpolation; PIL's bicubic also antialiases.
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return image
+
+
+@dataclass
+class Prepared:
+    """Model input plus what the out-of-distribution checks need to know about the upload."""
+
+    array: np.ndarray  # uint8, spec.input_shape: exactly what the model sees
+    colourfulness: float  # of the reduced RGB image: ~0 for grayscale, high for stained cells / photos
+    original_size: tuple[int, int]
+    original_mode: str
+
+
+def prepare(source: ImageLike, task: str | TaskSpec) -> Prepared:
+    """Any supported image -> ``Prepared`` (model input and colour statistics).
+
+    Raises ``ImageError`` with a one-line reason for anything that cannot be used.
+    """
+    spec = get_task(task) if isinstance(task, str) else task
+    image = open_image(source)
+    original_size, original_mode = image.size, image.mode
+    try:
+        # Reduce in RGB first so the modality check sees the colour the user sent.
+        rgb = medmnist_geometry(to_mode(image, 3), spec)
+        rgb_array = np.asarray(rgb, dtype=np.uint8)
+        if spec.channels == 1:
+            array = np.asarray(rgb.convert("L"), dtype=np.uint8)[..., None]
+        else:
+            array = rgb_array
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL can still fail on exotic files at this stage
+        raise ImageError(f"image could not be converted ({_first_line(exc)})") from None
+    return Prepared(np.ascontiguousarray(array), colourfulness(rgb_array), original_size, original_mode)
+
+
+def to_model_input(source: ImageLike, task: str | TaskSpec) -> np.ndarray:
+    """Any supported image -> uint8 array of shape ``spec.input_shape``."""
+    return prepare(source, task).array
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness of an RGB array (0 for grayscale)."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        return 0.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg = r - g
+    yb = 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))

@@ -1,0 +1,299 @@
+"""Training: one function from a task and a recipe to a saved, calibrated model.
+
+Selection (best epoch), the temperature and the breast threshold all come from
+the validation split; the test split is never read here.  SMOTE, when asked
+for, oversamples the training split only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import __version__
+from .data import Split, load_split
+from .registry import TaskSpec, get_task
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    model: str = "cnn"  # "cnn" or "vgg16"
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    augment: bool = True
+    class_weight: bool = False
+    smote: bool = False
+    widths: tuple[int, ...] = (32, 64, 128)
+    dropout: float = 0.3
+    seed: int = 0
+    limit: Optional[int] = None  # use only the first N training/validation images (smoke runs)
+    data_dir: Optional[str] = None
+    vgg16_weights: Optional[str] = None
+    vgg16_input_size: int = 32
+    finetune_epochs: int = 0  # VGG16: epochs with the whole base unfrozen after the frozen phase
+    finetune_learning_rate: float = 1e-4
+    target_sensitivity: float = 0.95  # breast: validation sensitivity the threshold must keep
+    verbose: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    model: object
+    config: TrainConfig
+    history: dict
+    best_epoch: int
+    temperature: float
+    threshold: Optional[float]
+    val_metrics: dict
+    wall_time_s: float
+
+
+def set_seed(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+def smote_oversample(images: np.ndarray, labels: np.ndarray, seed: int = 0):
+    """SMOTE on flattened pixels of the training split (imbalanced-learn)."""
+    from imblearn.over_sampling import SMOTE
+
+    counts = np.bincount(labels)
+    k = int(min(5, counts[counts > 0].min() - 1))
+    if k < 1:
+        return images, labels
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    resampled, new_labels = SMOTE(k_neighbors=k, random_state=seed).fit_resample(flat, labels)
+    resampled = np.clip(np.rint(resampled), 0, 255).astype(np.uint8)
+    return resampled.reshape((-1,) + images.shape[1:]), new_labels.astype(np.int64)
+
+
+def balanced_class_weight(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    classes = np.arange(num_classes)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimising validation NLL (Guo et al. 2017), from softmax outputs at T=1."""
+    from scipy.optimize import minimize_scalar
+
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0))
+    idx = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        scaled = logits / math.exp(log_t)
+        scaled = scaled - scaled.max(axis=1, keepdims=True)
+        log_probs = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+        return float(-log_probs[idx, labels].mean())
+
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(result.x))
+
+
+def choose_threshold(p_positive: np.ndarray, is_positive: np.ndarray, target_sensitivity: float) -> float:
+    """Highest threshold on P(positive) whose validation sensitivity is >= target.
+
+    The highest such threshold keeps the most specificity.  A case is called
+    positive when ``p >= threshold``.
+    """
+    positives = np.sort(p_positive[is_positive.astype(bool)])[::-1]
+    if len(positives) == 0:
+        return 0.5
+    needed = int(math.ceil(target_sensitivity * len(positives)))
+    needed = min(max(needed, 1), len(positives))
+    return float(positives[needed - 1])
+
+
+def _predict(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    import tensorflow as tf
+
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = tf.constant(images[start:start + batch_size], dtype=tf.float32)
+        outputs.append(model(batch, training=False).numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]))
+
+
+class _ValidationSelector:
+    """Keras callback factory: score each epoch on validation and keep the best weights."""
+
+    def __new__(cls, spec: TaskSpec, val: Split, verbose: int):
+        import keras
+        from sklearn.metrics import accuracy_score, roc_auc_score
+
+        class Selector(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.best_score = -np.inf
+                self.best_epoch = -1
+                self.best_weights = None
+                self.scores = []
+
+            def on_epoch_end(self, epoch, logs=None):
+                probs = _predict(self.model, val.images)
+                if spec.decision == "threshold":
+                    # breast: rank quality of P(malignant) is what the threshold relies on
+                    score = roc_auc_score(val.labels == spec.positive_class, probs[:, spec.positive_class]) \
+                        if len(np.unique(val.labels)) > 1 else 0.0
+                    name = "val_auc"
+                else:
+                    score = accuracy_score(val.labels, probs.argmax(1))
+                    name = "val_accuracy_selected"
+                self.scores.append(float(score))
+                if logs is not None:
+                    logs[name] = float(score)
+                if score > self.best_score:
+                    self.best_score = float(score)
+                    self.best_epoch = epoch + 1
+                    self.best_weights = self.model.get_weights()
+                if verbose:
+                    print(f"  epoch {epoch + 1}: {name}={score:.4f} (best {self.best_score:.4f} at {self.best_epoch})",
+                          file=sys.stderr, flush=True)
+
+        return Selector()
+
+
+def _optimizer(learning_rate: float, weight_decay: float, steps: int):
+    import keras
+
+    warmup = max(1, steps // 20)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate * 0.1,
+        decay_steps=max(1, steps - warmup),
+        warmup_target=learning_rate,
+        warmup_steps=warmup,
+        alpha=0.01,
+    )
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+
+
+def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epochs: int, learning_rate: float,
+         class_weight):
+    import keras
+    import tensorflow as tf
+
+    steps = epochs * int(math.ceil(len(train.images) / cfg.batch_size))
+    model.compile(
+        optimizer=_optimizer(learning_rate, cfg.weight_decay, steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=["accuracy"],
+    )
+    one_hot = keras.utils.to_categorical(train.labels, spec.num_classes)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((train.images.astype(np.float32), one_hot))
+        .shuffle(len(train.images), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    selector = _ValidationSelector(spec, val, cfg.verbose)
+    history = model.fit(dataset, epochs=epochs, verbose=cfg.verbose, callbacks=[selector],
+                        class_weight=class_weight)
+    if selector.best_weights is not None:
+        model.set_weights(selector.best_weights)
+    return history.history, selector.best_epoch
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from .evaluation import compute_metrics
+    from .models import build_cnn, build_vgg16, set_base_trainable, with_temperature
+
+    start = time.time()
+    spec = get_task(cfg.task)
+    set_seed(cfg.seed)
+    train_split = load_split(spec, "train", data_dir=cfg.data_dir)
+    val_split = load_split(spec, "val", data_dir=cfg.data_dir)
+    if cfg.limit:
+        train_split = _stratified_head(train_split, cfg.limit, cfg.seed)
+        val_split = _stratified_head(val_split, max(cfg.limit // 4, spec.num_classes * 2), cfg.seed)
+    if cfg.smote:
+        images, labels = smote_oversample(train_split.images, train_split.labels, cfg.seed)
+        train_split = Split(images, labels)
+    class_weight = balanced_class_weight(train_split.labels, spec.num_classes) if cfg.class_weight else None
+
+    if cfg.model == "cnn":
+        model = build_cnn(spec, augment=cfg.augment, widths=tuple(cfg.widths), dropout=cfg.dropout)
+        history, best_epoch = _fit(model, train_split, val_split, spec, cfg, cfg.epochs, cfg.learning_rate,
+                                   class_weight)
+    elif cfg.model == "vgg16":
+        model = build_vgg16(spec, weights=cfg.vgg16_weights, augment=cfg.augment,
+                            input_size=cfg.vgg16_input_size, trainable_base=False)
+        history, best_epoch = _fit(model, train_split, val_split, spec, cfg, cfg.epochs, cfg.learning_rate,
+                                   class_weight)
+        if cfg.finetune_epochs:
+            set_base_trainable(model, True)
+            more, best_ft = _fit(model, train_split, val_split, spec, cfg, cfg.finetune_epochs,
+                                 cfg.finetune_learning_rate, class_weight)
+            history = {k: list(history.get(k, [])) + list(more.get(k, [])) for k in set(history) | set(more)}
+            best_epoch = cfg.epochs + best_ft  # the fine-tuning phase starts from the frozen phase's best
+    else:
+        raise ValueError(f"unknown model kind {cfg.model!r}")
+
+    raw_val = _predict(model, val_split.images)
+    temperature = fit_temperature(raw_val, val_split.labels)
+    model = with_temperature(model, temperature)
+    val_probs = _predict(model, val_split.images)
+    threshold = None
+    if spec.decision == "threshold":
+        threshold = choose_threshold(val_probs[:, spec.positive_class], val_split.labels == spec.positive_class,
+                                     cfg.target_sensitivity)
+    val_metrics = compute_metrics(spec, val_split.labels, val_probs, threshold=threshold)
+    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    return TrainResult(model=model, config=cfg, history=history, best_epoch=best_epoch,
+                       temperature=temperature, threshold=threshold, val_metrics=val_metrics,
+                       wall_time_s=time.time() - start)
+
+
+def _stratified_head(split: Split, n: int, seed: int) -> Split:
+    """A small class-stratified subset, for smoke runs."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(split.labels)
+    per_class = max(1, n // len(classes))
+    picks = np.concatenate([rng.permutation(np.flatnonzero(split.labels == c))[:per_class] for c in classes])
+    picks = rng.permutation(picks)
+    return Split(split.images[picks], split.labels[picks])
+
+
+def save_trained(result: TrainResult, out: str | os.PathLike, command: Optional[str] = None) -> Path:
+    """Write the model and the training half of its card (the evaluation adds test metrics)."""
+    from .cards import write_training_card
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.model.save(str(out))
+    write_training_card(out, result, command=command or " ".join(sys.argv))
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    data = asdict(cfg)
+    data["widths"] = list(cfg.widths)
+    return data
+
+
+def environment() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "cpu_count": os.cpu_count(),
+        "medclassify": __version__,
+    }
