@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     task_arg(o)
     data_arg(o)
     o.add_argument("--model", help="model file (default: the shipped model)")
+
+    v = sub.add_parser("experiment", help="train + evaluate one named variant, writing results/<task>/<variant>.card.json")
+    task_arg(v)
+    data_arg(v)
+    v.add_argument("--variant", required=True)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--epochs", type=int, help="override the variant's epochs")
+    v.add_argument("--limit", type=int, help="small subset (smoke runs)")
+    v.add_argument("--bootstrap", type=int, default=1000)
+
+    sub.add_parser("report", help="write results/comparison.md from the variant cards")
     return parser
 
 
@@ -94,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
-               "fit-ood": _fit_ood}[args.command]
+               "fit-ood": _fit_ood, "experiment": _experiment, "report": _report}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -209,4 +220,23 @@ def _fit_ood(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(settings))
+    return 0
+
+
+def _experiment(args) -> int:
+    from .experiments import card_file, run_variant
+
+    card = run_variant(args.task, args.variant, seed=args.seed, data_dir=args.data_dir, bootstrap=args.bootstrap,
+                       command=_command_line(), epochs=args.epochs, limit=args.limit)
+    test = card.get("test") or {}
+    print(json.dumps({"card": str(card_file(args.task, args.variant, args.seed)),
+                      **{k: test.get(k) for k in ("accuracy", "auc", "sensitivity", "specificity",
+                                                  "accuracy_at_0_5") if k in test}}))
+    return 0
+
+
+def _report(args) -> int:
+    from .experiments import write_report
+
+    print(write_report())
     return 0

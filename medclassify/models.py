@@ -70,7 +70,7 @@ def _head(x, spec: TaskSpec, dropout: float):
 def _conv_bn(x, filters: int, name: str, stride: int = 1):
     layers = _keras().layers
     x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
@@ -93,7 +93,7 @@ def build_cnn(task: str | TaskSpec, augment: bool = True, widths: tuple[int, ...
         shortcut = layers.Conv2D(filters, 1, use_bias=False, name=f"stage{stage}_proj")(x)
         x = _conv_bn(x, filters, f"stage{stage}a")
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"stage{stage}b_conv")(x)
-        x = layers.BatchNormalization(name=f"stage{stage}b_bn")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"stage{stage}b_bn")(x)
         x = layers.Add(name=f"stage{stage}_add")([x, shortcut])
         x = layers.Activation("relu", name=f"stage{stage}_out")(x)
     outputs = _head(x, spec, dropout)
@@ -190,3 +190,69 @@ def build_model(kind: str, task: str | TaskSpec, **kwargs):
     if kind == "vgg16":
         return build_vgg16(task, **kwargs)
     raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
+
+
+def _clone_inline(model, inputs, prefix: str = ""):
+    """Clone ``model`` onto ``inputs`` with ``prefix`` on every layer name, weights copied.
+
+    Augmentation layers become ``Identity``: Keras preprocessing layers default to
+    ``training=True`` when a model is called without a ``training`` argument, so a
+    saved model that kept them would randomly augment for any caller who forgets
+    ``training=False``.
+    """
+    keras = _keras()
+
+    def clone_layer(layer):
+        if layer.name.startswith("aug_"):
+            return keras.layers.Identity(name=prefix + layer.name)
+        config = layer.get_config()
+        config["name"] = prefix + layer.name
+        return layer.__class__.from_config(config)
+
+    structure = [inputs] if isinstance(model.input, list) else inputs
+    clone = keras.models.clone_model(model, input_tensors=structure, clone_function=clone_layer)
+    for source_layer in model.layers:
+        if source_layer.weights and not source_layer.name.startswith("aug_"):
+            clone.get_layer(prefix + source_layer.name).set_weights(source_layer.get_weights())
+    return clone
+
+
+def inference_model(model):
+    """The trained model without augmentation layers (identical predictions at inference)."""
+    keras = _keras()
+    inputs = keras.Input(shape=model.input_shape[1:], name="image")
+    clone = _clone_inline(model, inputs)
+    return keras.Model(inputs, clone.output, name=model.name)
+
+
+def build_ensemble(members: list, name: Optional[str] = None):
+    """One model averaging the logits of ``members`` (trained models of the same task).
+
+    Each member is cloned inline with a ``m<i>_`` name prefix (no nested models),
+    so the ensemble saves to a single .h5 of standard layers, Grad-CAM still finds
+    a convolution, and ``feature_tensor`` gives the OOD rule the members' pooled
+    features side by side.  The averaged logits go through the usual
+    temperature -> probabilities head.
+    """
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
+    clones = [_clone_inline(member, inputs, prefix=f"m{i}_") for i, member in enumerate(members)]
+    logits = [clone.get_layer(f"m{i}_logits").output for i, clone in enumerate(clones)]
+    mean_logits = layers.Average(name="logits")(logits) if len(logits) > 1 else logits[0]
+    scaled = layers.Rescaling(1.0, name="temperature")(mean_logits)
+    probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(scaled)
+    return keras.Model(inputs, probabilities, name=name or "ensemble")
+
+
+def feature_tensor(model):
+    """The pooled features the OOD rule uses: ``pool``, or the members' pools side by side."""
+    try:
+        return model.get_layer("pool").output
+    except ValueError:
+        pass
+    pools = [layer.output for layer in model.layers if layer.name.endswith("_pool")
+             and isinstance(layer, _keras().layers.GlobalAveragePooling2D)]
+    if not pools:
+        raise ValueError(f"model {model.name} has no pooled feature layer")
+    return pools[0] if len(pools) == 1 else _keras().layers.Concatenate(name="pool_features")(pools)

@@ -211,7 +211,7 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
 
 def train(cfg: TrainConfig) -> TrainResult:
     from .evaluation import compute_metrics
-    from .models import build_cnn, build_vgg16, set_base_trainable, with_temperature
+    from .models import build_cnn, build_vgg16, inference_model, set_base_trainable, with_temperature
 
     start = time.time()
     spec = get_task(cfg.task)
@@ -244,6 +244,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         raise ValueError(f"unknown model kind {cfg.model!r}")
 
+    model = inference_model(model)  # augmentation is for training only; see models._clone_inline
     raw_val = _predict(model, val_split.images)
     temperature = fit_temperature(raw_val, val_split.labels)
     model = with_temperature(model, temperature)

@@ -1,0 +1,36 @@
+# Quick start:  make app   (set up and start the web app on the shipped models)
+#               make test  (set up and run the whole test suite)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8501
+
+.PHONY: app test setup setup-dev notebooks benchmark clean
+
+$(BIN)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(BIN)/.dev: requirements-dev.txt $(BIN)/.runtime
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(BIN)/.runtime
+setup-dev: $(BIN)/.dev
+
+app: setup
+	$(BIN)/streamlit run app.py --server.headless true --server.address 127.0.0.1 --server.port $(PORT)
+
+test: setup-dev
+	$(BIN)/python -m pytest
+
+notebooks: setup-dev
+	$(BIN)/python scripts/run_notebooks.py
+
+benchmark: setup-dev
+	$(BIN)/python benchmarks/benchmark.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

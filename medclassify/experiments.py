@@ -1,0 +1,171 @@
+"""The training variants compared in the README and the notebooks.
+
+Each variant is a named ``TrainConfig``.  ``python -m medclassify experiment
+--task T --variant V`` trains it (selection on validation), evaluates it on
+validation and test with bootstrap CIs, and writes its card to
+``results/<task>/<variant>.card.json``; ``python -m medclassify report``
+turns all cards into ``results/comparison.md``.  Every number in the
+comparison table therefore comes from one documented command.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from .registry import REPO_ROOT, get_task
+from .training import TrainConfig
+
+RESULTS_DIR = REPO_ROOT / "results"
+RUNS_DIR = REPO_ROOT / "runs"
+
+VARIANTS: dict[str, dict[str, TrainConfig]] = {
+    "blood": {
+        "cnn": TrainConfig(task="blood", augment=False, epochs=12, widths=(32, 64, 128), label_smoothing=0.0),
+        "cnn_aug": TrainConfig(task="blood", augment=True, epochs=30, widths=(32, 64, 128)),
+        "vgg16": TrainConfig(task="blood", model="vgg16", augment=True, epochs=3, finetune_epochs=2,
+                             learning_rate=1e-3, finetune_learning_rate=1e-4, batch_size=128),
+    },
+    "breast": {
+        "cnn": TrainConfig(task="breast", augment=False, epochs=40, batch_size=32, learning_rate=1e-3,
+                           label_smoothing=0.0),
+        "cnn_aug": TrainConfig(task="breast", augment=True, epochs=80, batch_size=32, learning_rate=1e-3),
+        "cnn_aug_cw": TrainConfig(task="breast", augment=True, class_weight=True, epochs=80, batch_size=32,
+                                  learning_rate=1e-3),
+        "cnn_aug_smote": TrainConfig(task="breast", augment=True, smote=True, epochs=80, batch_size=32,
+                                     learning_rate=1e-3),
+        "vgg16": TrainConfig(task="breast", model="vgg16", augment=True, class_weight=True, epochs=20,
+                             finetune_epochs=20, batch_size=32, learning_rate=1e-3, finetune_learning_rate=5e-5),
+    },
+}
+
+#: Which variant each shipped model comes from.
+SHIPPED = {"blood": "cnn_aug", "breast": "cnn_aug_cw"}
+
+
+def variant_config(task: str, variant: str, **overrides) -> TrainConfig:
+    try:
+        cfg = VARIANTS[task][variant]
+    except KeyError:
+        raise ValueError(f"unknown variant {variant!r} for {task}; choose one of {sorted(VARIANTS[task])}") from None
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def card_file(task: str, variant: str, seed: int = 0) -> Path:
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    return RESULTS_DIR / task / f"{variant}{suffix}.card.json"
+
+
+def run_variant(task: str, variant: str, seed: int = 0, data_dir: Optional[str] = None,
+                bootstrap: int = 1000, command: Optional[str] = None, **overrides) -> dict:
+    """Train, evaluate on val and test, and write the variant's card.  Returns the card."""
+    from .cards import add_evaluation, read_card
+    from .evaluation import evaluate
+    from .ood import fit_ood
+    from .training import save_trained, train
+
+    cfg = variant_config(task, variant, seed=seed, data_dir=data_dir, **overrides)
+    model_path = RUNS_DIR / task / f"{variant}{'' if seed == 0 else f'_seed{seed}'}.h5"
+    result = train(cfg)
+    save_trained(result, model_path, command=command)
+    fit_ood(task, model_path, data_dir)
+    for split in ("val", "test"):
+        metrics = evaluate(task, model_path, split, data_dir, bootstrap=bootstrap)
+        add_evaluation(model_path, metrics, command or "")
+    card = read_card(model_path)
+    card["variant"] = variant
+    out = card_file(task, variant, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    card["training"].pop("history", None)  # kept in runs/, too long for the comparison files
+    out.write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+ANCHORS = {
+    "blood": [
+        ("ResNet-18 (28), MedMNIST v2", 0.958, 0.998),
+        ("auto-sklearn, MedMNIST v2", 0.878, 0.984),
+        ("AutoKeras, MedMNIST v2", 0.961, 0.998),
+        ("Google AutoML Vision, MedMNIST v2", 0.966, 0.998),
+        ("reference project CNN", 0.944, None),
+        ("reference project VGG16", 0.822, None),
+    ],
+    "breast": [
+        ("ResNet-18 (28), MedMNIST v2", 0.863, 0.901),
+        ("Google AutoML Vision, MedMNIST v2", 0.861, 0.919),
+        ("best MedMNIST+ result, any size (AlexNet, 128 px)", 0.906, 0.940),
+    ],
+}
+
+
+def _fmt(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "–"
+    ci = (metrics.get("ci95") or {}).get(key)
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def comparison_table(task: str) -> str:
+    """Markdown table of every variant card of ``task`` beside the published anchors."""
+    spec = get_task(task)
+    rows = []
+    keys = ["accuracy", "balanced_accuracy", "auc", "f1_macro"]
+    if spec.decision == "threshold":
+        keys += ["accuracy_at_0_5", "sensitivity", "specificity"]
+    header = "| variant | val accuracy | val AUC | " + " | ".join(f"test {k}" for k in keys) + " |"
+    rows.append(header)
+    rows.append("|" + "---|" * (3 + len(keys)))
+    for path in sorted((RESULTS_DIR / task).glob("*.card.json")):
+        card = json.loads(path.read_text())
+        if "_seed" in path.name:
+            continue
+        val, test = card.get("val") or card.get("validation") or {}, card.get("test") or {}
+        name = card.get("variant", path.stem)
+        if SHIPPED.get(task) == name:
+            name = f"**{name}** (shipped)"
+        rows.append(f"| {name} | {val.get('accuracy', float('nan')):.3f} | {val.get('auc', float('nan')):.3f} | "
+                    + " | ".join(_fmt(test, k) for k in keys) + " |")
+    lines = ["\n".join(rows), "", "Published anchors (official test split, 28 px unless noted):", "",
+             "| model | test accuracy | test AUC |", "|---|---|---|"]
+    for name, acc, auc in ANCHORS[task]:
+        lines.append(f"| {name} | {acc:.3f} | {'–' if auc is None else f'{auc:.3f}'} |")
+    return "\n".join(lines)
+
+
+def seed_summary(task: str, variant: str) -> Optional[dict]:
+    """Mean and standard deviation of test metrics over the variant's seed cards."""
+    import numpy as np
+
+    cards = [card_file(task, variant, s) for s in (0, 1, 2)]
+    tests = [json.loads(p.read_text()).get("test") for p in cards if p.exists()]
+    tests = [t for t in tests if t]
+    if len(tests) < 2:
+        return None
+    out = {"seeds": len(tests)}
+    for key in ("accuracy", "balanced_accuracy", "auc", "f1_macro", "sensitivity", "specificity", "accuracy_at_0_5"):
+        values = [t[key] for t in tests if key in t]
+        if values:
+            out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))}
+    return out
+
+
+def write_report() -> Path:
+    parts = ["# Comparison of training variants", "",
+             "Generated by `python -m medclassify report` from the cards in `results/`; each card was written by",
+             "`python -m medclassify experiment --task T --variant V` (its exact command is in the card).",
+             "Cells: point estimate [95% bootstrap CI, 1,000 resamples]. Selection, temperature and the breast",
+             "threshold use the validation split; the test split is evaluated once per model.", ""]
+    for task in ("blood", "breast"):
+        parts += [f"## {get_task(task).title} ({get_task(task).flag})", "", comparison_table(task), ""]
+        summary = seed_summary(task, SHIPPED[task])
+        if summary:
+            parts.append(f"Shipped configuration `{SHIPPED[task]}` over {summary['seeds']} seeds (test, mean ± std): "
+                         + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items()
+                                     if isinstance(v, dict)))
+            parts.append("")
+    out = RESULTS_DIR / "comparison.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts) + "\n")
+    return out
