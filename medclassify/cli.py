@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--class-weight", action="store_true", help="balanced class weights")
     t.add_argument("--smote", action="store_true", help="SMOTE-oversample the training split")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ensemble", type=int, default=1, help="train N seeds and save their logit average as one model")
     t.add_argument("--limit", type=int, help="use a small stratified subset (smoke runs)")
     t.add_argument("--vgg16-weights", help="VGG16 notop h5 (default $VGG16_WEIGHTS, else download 'imagenet')")
     t.add_argument("--vgg16-input-size", type=int, default=32)
@@ -98,22 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bootstrap", type=int, default=1000)
 
     sub.add_parser("report", help="write results/comparison.md from the variant cards")
+
+    s = sub.add_parser("ship", help="copy a trained variant to the shipped model files (model_<task>.h5 + card + OOD)")
+    task_arg(s)
+    s.add_argument("--variant", help="default: the registry's shipped variant")
+    s.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
-               "fit-ood": _fit_ood, "experiment": _experiment, "report": _report}[args.command]
+               "fit-ood": _fit_ood, "experiment": _experiment, "report": _report,
+               "ship": _ship}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
         return 130
 
 
-def _command_line(argv=None) -> str:
-    return "python -m medclassify " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+def _command_line(args) -> str:
+    return "python -m medclassify " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def _train(args) -> int:
@@ -132,7 +140,7 @@ def _train(args) -> int:
         class_weight=args.class_weight, smote=args.smote, widths=widths, dropout=args.dropout, seed=args.seed,
         limit=args.limit, data_dir=args.data_dir, vgg16_weights=args.vgg16_weights,
         vgg16_input_size=args.vgg16_input_size, finetune_epochs=args.finetune_epochs,
-        finetune_learning_rate=args.finetune_lr, target_sensitivity=args.target_sensitivity,
+        finetune_learning_rate=args.finetune_lr, target_sensitivity=args.target_sensitivity, ensemble=args.ensemble,
         verbose=0 if args.quiet else (1 if sys.stderr.isatty() else 2),
     )
     out = args.out or str(get_task(args.task).model_path)
@@ -141,7 +149,7 @@ def _train(args) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    save_trained(result, out, command=_command_line())
+    save_trained(result, out, command=_command_line(args))
     from .ood import fit_ood
 
     fit_ood(args.task, out, args.data_dir)
@@ -163,7 +171,7 @@ def _evaluate(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.write_card:
-        add_evaluation(metrics["model"], metrics, _command_line())
+        add_evaluation(metrics["model"], metrics, _command_line(args))
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -227,7 +235,7 @@ def _experiment(args) -> int:
     from .experiments import card_file, run_variant
 
     card = run_variant(args.task, args.variant, seed=args.seed, data_dir=args.data_dir, bootstrap=args.bootstrap,
-                       command=_command_line(), epochs=args.epochs, limit=args.limit)
+                       command=_command_line(args), epochs=args.epochs, limit=args.limit)
     test = card.get("test") or {}
     print(json.dumps({"card": str(card_file(args.task, args.variant, args.seed)),
                       **{k: test.get(k) for k in ("accuracy", "auc", "sensitivity", "specificity",
@@ -239,4 +247,15 @@ def _report(args) -> int:
     from .experiments import write_report
 
     print(write_report())
+    return 0
+
+
+def _ship(args) -> int:
+    from .experiments import ship
+
+    try:
+        print(ship(args.task, args.variant, args.seed))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -35,13 +35,15 @@ VARIANTS: dict[str, dict[str, TrainConfig]] = {
                                   learning_rate=1e-3),
         "cnn_aug_smote": TrainConfig(task="breast", augment=True, smote=True, epochs=80, batch_size=32,
                                      learning_rate=1e-3),
+        "cnn_aug_cw_ens5": TrainConfig(task="breast", augment=True, class_weight=True, epochs=80, batch_size=32,
+                                       learning_rate=1e-3, ensemble=5),
         "vgg16": TrainConfig(task="breast", model="vgg16", augment=True, class_weight=True, epochs=20,
                              finetune_epochs=20, batch_size=32, learning_rate=1e-3, finetune_learning_rate=5e-5),
     },
 }
 
 #: Which variant each shipped model comes from.
-SHIPPED = {"blood": "cnn_aug", "breast": "cnn_aug_cw"}
+SHIPPED = {"blood": "cnn_aug", "breast": "cnn_aug_cw_ens5"}
 
 
 def variant_config(task: str, variant: str, **overrides) -> TrainConfig:
@@ -167,5 +169,50 @@ def write_report() -> Path:
             parts.append("")
     out = RESULTS_DIR / "comparison.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts) + "\n")
+    text = "\n".join(parts) + "\n"
+    out.write_text(text)
+    _replace_between_markers(REPO_ROOT / "README.md", "results", text.split("\n", 2)[2])
     return out
+
+
+def _replace_between_markers(path: Path, name: str, body: str) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` (generated sections)."""
+    if not path.exists():
+        return
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
+
+
+def ship(task: str, variant: Optional[str] = None, seed: int = 0) -> Path:
+    """Copy a trained variant (model, card, OOD statistics) to the task's shipped model files."""
+    import shutil
+
+    from .cards import card_path, read_card, write_card
+    from .ood import ood_path
+
+    spec = get_task(task)
+    variant = variant or SHIPPED[task]
+    source = RUNS_DIR / task / f"{variant}{'' if seed == 0 else f'_seed{seed}'}.h5"
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found: run `python -m medclassify experiment --task {task} "
+                                f"--variant {variant}` first")
+    from .models import inference_model, load_model
+
+    target = spec.model_path
+    # Re-cloning drops layers left from training (see models._clone_inline); predictions are unchanged.
+    inference_model(load_model(source)).save(str(target))
+    shutil.copyfile(ood_path(source), ood_path(target))
+    card = read_card(source)
+    card["name"] = target.stem
+    card["variant"] = variant
+    card["shipped_from"] = str(source.relative_to(REPO_ROOT))
+    if card.get("ood"):
+        card["ood"]["statistics_file"] = ood_path(target).name
+    card["training"].pop("history", None)
+    write_card(target, card)
+    return target

@@ -173,7 +173,8 @@ def last_conv_layer(model):
     """The last 2-D convolution: the layer Grad-CAM explains."""
     keras = _keras()
     for layer in reversed(model.layers):
-        if isinstance(layer, keras.layers.Conv2D) and layer.name != "vgg_preprocess":
+        # 1x1 convolutions are shortcut projections or VGG's channel preprocessing, not feature maps
+        if isinstance(layer, keras.layers.Conv2D) and tuple(layer.kernel_size) != (1, 1):
             return layer
     raise ValueError(f"model {model.name} has no convolution layer")
 
@@ -195,22 +196,28 @@ def build_model(kind: str, task: str | TaskSpec, **kwargs):
 def _clone_inline(model, inputs, prefix: str = ""):
     """Clone ``model`` onto ``inputs`` with ``prefix`` on every layer name, weights copied.
 
-    Augmentation layers become ``Identity``: Keras preprocessing layers default to
-    ``training=True`` when a model is called without a ``training`` argument, so a
-    saved model that kept them would randomly augment for any caller who forgets
-    ``training=False``.
+    Augmentation layers are left out.  Keras preprocessing layers default to
+    ``training=True`` when a model is called without a ``training`` argument, and
+    the call records that argument, so a saved model that kept them (even as
+    ``Identity``) would augment, and run BatchNorm on batch statistics, for any
+    caller who forgets ``training=False``.
     """
     keras = _keras()
 
     def clone_layer(layer):
-        if layer.name.startswith("aug_"):
-            return keras.layers.Identity(name=prefix + layer.name)
         config = layer.get_config()
         config["name"] = prefix + layer.name
         return layer.__class__.from_config(config)
 
+    def call_layer(layer, *args, **kwargs):
+        if layer.name.startswith(prefix + "aug_"):
+            return args[0]
+        kwargs.pop("training", None)
+        return layer(*args, **kwargs)
+
     structure = [inputs] if isinstance(model.input, list) else inputs
-    clone = keras.models.clone_model(model, input_tensors=structure, clone_function=clone_layer)
+    clone = keras.models.clone_model(model, input_tensors=structure, clone_function=clone_layer,
+                                     call_function=call_layer)
     for source_layer in model.layers:
         if source_layer.weights and not source_layer.name.startswith("aug_"):
             clone.get_layer(prefix + source_layer.name).set_weights(source_layer.get_weights())

@@ -77,7 +77,8 @@ class OODDetector:
             if colour < minimum:
                 reasons.append("grayscale or washed-out image: the blood model expects a stained colour "
                                "microscope image")
-        if float(np.asarray(prepared.array, dtype=np.float32).std()) < BLANK_MAX_STD:
+        pixels = np.asarray(prepared.array, dtype=np.float32).reshape(-1, prepared.array.shape[-1])
+        if float(pixels.std(axis=0).max()) < BLANK_MAX_STD:  # per channel: a flat colour is blank too
             reasons.append("blank image: there is almost no contrast to classify")
         score = None
         if self.means is not None and self.threshold is not None:

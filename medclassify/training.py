@@ -45,6 +45,7 @@ class TrainConfig:
     finetune_epochs: int = 0  # VGG16: epochs with the whole base unfrozen after the frozen phase
     finetune_learning_rate: float = 1e-4
     target_sensitivity: float = 0.95  # breast: validation sensitivity the threshold must keep
+    ensemble: int = 1  # >1: train this many seeds and ship the logit average as one model
     verbose: int = 2
     extra: dict = field(default_factory=dict)
 
@@ -54,7 +55,7 @@ class TrainResult:
     model: object
     config: TrainConfig
     history: dict
-    best_epoch: int
+    best_epoch: object  # int, or one per ensemble member
     temperature: float
     threshold: Optional[float]
     val_metrics: dict
@@ -211,7 +212,7 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
 
 def train(cfg: TrainConfig) -> TrainResult:
     from .evaluation import compute_metrics
-    from .models import build_cnn, build_vgg16, inference_model, set_base_trainable, with_temperature
+    from .models import build_ensemble, inference_model, with_temperature
 
     start = time.time()
     spec = get_task(cfg.task)
@@ -225,6 +226,37 @@ def train(cfg: TrainConfig) -> TrainResult:
         images, labels = smote_oversample(train_split.images, train_split.labels, cfg.seed)
         train_split = Split(images, labels)
     class_weight = balanced_class_weight(train_split.labels, spec.num_classes) if cfg.class_weight else None
+
+    if cfg.ensemble > 1:
+        members, history, best_epoch = [], {}, []
+        for member in range(cfg.ensemble):
+            set_seed(cfg.seed * 1000 + member)
+            model, member_history, member_best = _train_single(cfg, spec, train_split, val_split, class_weight)
+            members.append(inference_model(model))
+            history[f"member{member}"] = member_history
+            best_epoch.append(member_best)
+        model = build_ensemble(members, name=f"{spec.name}_{cfg.model}_ensemble{cfg.ensemble}")
+    else:
+        model, history, best_epoch = _train_single(cfg, spec, train_split, val_split, class_weight)
+
+    model = inference_model(model)  # augmentation is for training only; see models._clone_inline
+    raw_val = _predict(model, val_split.images)
+    temperature = fit_temperature(raw_val, val_split.labels)
+    model = with_temperature(model, temperature)
+    val_probs = _predict(model, val_split.images)
+    threshold = None
+    if spec.decision == "threshold":
+        threshold = choose_threshold(val_probs[:, spec.positive_class], val_split.labels == spec.positive_class,
+                                     cfg.target_sensitivity)
+    val_metrics = compute_metrics(spec, val_split.labels, val_probs, threshold=threshold)
+    history = _floats(history)
+    return TrainResult(model=model, config=cfg, history=history, best_epoch=best_epoch,
+                       temperature=temperature, threshold=threshold, val_metrics=val_metrics,
+                       wall_time_s=time.time() - start)
+
+
+def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_split: Split, class_weight):
+    from .models import build_cnn, build_vgg16, set_base_trainable
 
     if cfg.model == "cnn":
         model = build_cnn(spec, augment=cfg.augment, widths=tuple(cfg.widths), dropout=cfg.dropout)
@@ -243,21 +275,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             best_epoch = cfg.epochs + best_ft  # the fine-tuning phase starts from the frozen phase's best
     else:
         raise ValueError(f"unknown model kind {cfg.model!r}")
+    return model, history, best_epoch
 
-    model = inference_model(model)  # augmentation is for training only; see models._clone_inline
-    raw_val = _predict(model, val_split.images)
-    temperature = fit_temperature(raw_val, val_split.labels)
-    model = with_temperature(model, temperature)
-    val_probs = _predict(model, val_split.images)
-    threshold = None
-    if spec.decision == "threshold":
-        threshold = choose_threshold(val_probs[:, spec.positive_class], val_split.labels == spec.positive_class,
-                                     cfg.target_sensitivity)
-    val_metrics = compute_metrics(spec, val_split.labels, val_probs, threshold=threshold)
-    history = {k: [float(v) for v in vals] for k, vals in history.items()}
-    return TrainResult(model=model, config=cfg, history=history, best_epoch=best_epoch,
-                       temperature=temperature, threshold=threshold, val_metrics=val_metrics,
-                       wall_time_s=time.time() - start)
+
+def _floats(value):
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_floats(v) for v in value]
+    return float(value) if isinstance(value, (int, float, np.floating, np.integer)) else value
 
 
 def _stratified_head(split: Split, n: int, seed: int) -> Split:
