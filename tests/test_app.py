@@ -1,0 +1,393 @@
+"""The Streamlit app through ``streamlit.testing.v1.AppTest``: every flow, no browser.
+
+The shipped models may be placeholders: tests check that *a* class of the
+registry is shown, never which one.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from medclassify import appsupport as aps  # noqa: E402
+from medclassify.registry import TASKS, get_task  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP = str(REPO_ROOT / "app.py")
+PREFIX = "**Prediction:** "
+
+
+def new_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def sample(task: str, index: int = 0) -> tuple[str, bytes, str]:
+    item = aps.list_samples(task)[index]
+    return item.name, item.path.read_bytes(), "image/png"
+
+
+def select_task(at: AppTest, task: str) -> AppTest:
+    at.radio(key="task").set_value(task).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def upload(at: AppTest, files) -> AppTest:
+    at.file_uploader(key="upload").set_value(files).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def predicted_labels(at: AppTest) -> list[str]:
+    return [m.value[len(PREFIX):] for m in at.markdown if m.value.startswith(PREFIX)]
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def no_traceback(at: AppTest) -> None:
+    assert not at.exception
+    everything = texts(at.markdown) + texts(at.error) + texts(at.warning) + texts(at.info) + texts(at.caption)
+    assert "Traceback" not in everything
+
+
+def jpeg(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").resize((280, 280)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def at_start() -> AppTest:
+    """Warms the models once for the module (the first run imports TensorFlow)."""
+    return new_app()
+
+
+# --------------------------------------------------------------------------- start page
+
+
+def test_start_page(at_start):
+    at = at_start
+    assert "MedMNIST image classifier" in at.title[0].value
+    chooser = at.radio(key="task")
+    assert chooser.options == [TASKS[t].title for t in TASKS]
+    assert chooser.value == "blood"
+    assert any(TASKS["blood"].expected_input in i.value for i in at.info)
+    # the disclaimer is visible on the page and in About
+    assert any("not a medical device" in c.value for c in at.caption)
+    assert any("not a medical device" in w.value for w in at.warning)
+    uploader = at.file_uploader(key="upload")
+    assert uploader.accept_multiple_files
+    assert {"png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm"} <= {
+        t.lstrip(".") for t in uploader.allowed_type}
+    assert len(at.camera_input) == 0  # the webcam is only opened on request
+    assert not predicted_labels(at) and not at.error
+    no_traceback(at)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_classifier_description(task):
+    at = select_task(new_app(), task)
+    spec = get_task(task)
+    assert any(spec.expected_input in i.value for i in at.info)
+    assert any(spec.description in m.value for m in at.markdown)
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_upload_one_image(task):
+    at = upload(select_task(new_app(), task), sample(task, 0))
+    spec = get_task(task)
+    labels = predicted_labels(at)
+    assert len(labels) == 1 and labels[0] in spec.class_names
+    assert not at.error
+    # the 28-px input, the Grad-CAM overlay with its slider, the probability chart
+    assert len(at.image) >= 2
+    assert at.slider(key="opacity_single").value == pytest.approx(0.5)
+    assert len(at.get("vega_lite_chart")) >= 1
+    captions = texts(at.caption)
+    image_captions = " ".join(c for image in at.image for c in image.captions)
+    assert "What the model saw" in image_captions and "Grad-CAM" in image_captions
+    if spec.decision == "threshold":
+        verdicts = texts(at.warning) + texts(at.info)
+        assert (aps.BREAST_POSITIVE in verdicts) != (aps.BREAST_NEGATIVE in verdicts)
+        assert "threshold" in verdicts and "P(malignant)" in verdicts
+        assert aps.BREAST_NOTE in captions
+    else:
+        assert "Calibrated probability" in captions
+    no_traceback(at)
+
+
+def test_opacity_slider_reuses_the_results():
+    at = upload(new_app(), sample("blood", 4))
+    results = at.session_state["results"]
+    at.slider(key="opacity_single").set_value(0.9).run()
+    assert not at.exception
+    assert at.session_state["results"][1] is results[1]  # not classified again
+    assert len(predicted_labels(at)) == 1
+    at.slider(key="opacity_single").set_value(0.0).run()
+    assert not at.exception
+
+
+def test_bad_file_shows_one_line_error():
+    at = upload(new_app(), ("corrupt.png", b"definitely not a png", "image/png"))
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert "corrupt.png" in message and "not a recognised image file" in message
+    assert "\n" not in message
+    assert not predicted_labels(at)
+    no_traceback(at)
+
+
+def test_truncated_image_error():
+    name, data, mime = sample("breast", 0)
+    at = upload(select_task(new_app(), "breast"), ("cut.png", data[: len(data) // 2], mime))
+    assert len(at.error) == 1 and "cut.png" in at.error[0].value
+    no_traceback(at)
+
+
+def test_ood_warning_instead_of_a_label():
+    """A grayscale ultrasound sent to the blood model: warning with reasons, no label."""
+    at = upload(new_app(), sample("breast", 0))
+    assert not predicted_labels(at)
+    warnings = [w.value for w in at.warning if "Unlike the training data" in w.value]
+    assert len(warnings) == 1
+    assert aps.UNRELIABLE in warnings[0]
+    assert "grayscale" in warnings[0]  # the reason from ood.py
+    expanders = [e.label for e in at.expander]
+    assert any("unreliable" in label for label in expanders)
+    no_traceback(at)
+
+
+def test_ood_colour_image_to_breast_model():
+    at = upload(select_task(new_app(), "breast"), sample("blood", 0))
+    assert not predicted_labels(at)
+    assert any("Unlike the training data" in w.value and "colour image" in w.value for w in at.warning)
+
+
+def test_dicom_upload(awkward_files):
+    path = awkward_files["dicom"]
+    at = upload(select_task(new_app(), "breast"), (path.name, path.read_bytes(), "application/dicom"))
+    assert not at.error
+    # a synthetic gradient is not an ultrasound: a label or the OOD warning, never a crash
+    assert predicted_labels(at) or any("Unlike the training data" in w.value for w in at.warning)
+    no_traceback(at)
+
+
+# --------------------------------------------------------------------------- gallery, camera
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_sample_gallery_one_click(task):
+    at = select_task(new_app(), task)
+    at.radio(key="source").set_value("Sample gallery").run()
+    samples = aps.list_samples(task)
+    assert len(at.button) >= len(samples)
+    chosen = samples[-1]
+    at.button(key=f"sample_{task}_{chosen.path.stem}").click().run()
+    assert not at.exception
+    labels = predicted_labels(at)
+    assert len(labels) == 1 and labels[0] in get_task(task).class_names
+    assert any(f"true class: **{chosen.label}**" in c.value for c in at.caption)
+    no_traceback(at)
+
+
+def test_sample_gallery_classify_all():
+    at = new_app()
+    at.radio(key="source").set_value("Sample gallery").run()
+    at.button(key="sample_blood_all").click().run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert len(table) == len(aps.list_samples("blood"))
+    assert set(table["label"]) <= set(get_task("blood").class_names) | {aps.NO_ANSWER}
+
+
+def test_camera_empty_and_photo():
+    at = new_app()
+    at.radio(key="source").set_value("Camera").run()
+    assert len(at.camera_input) == 1
+    assert not at.exception and not at.error and not predicted_labels(at)  # nothing taken yet
+    at.camera_input(key="camera").set_value(("photo.jpg", b"", "image/jpeg")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "empty" in at.error[0].value
+    item = aps.list_samples("blood")[0]
+    at.camera_input(key="camera").set_value(("photo.jpg", jpeg(item.path), "image/jpeg")).run()
+    assert not at.exception and not at.error
+    assert predicted_labels(at) or any("Unlike the training data" in w.value for w in at.warning)
+    at.camera_input(key="camera").set_value(None).run()
+    assert not at.exception and not predicted_labels(at)
+
+
+# --------------------------------------------------------------------------- batch
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_batch_upload_table_progress_csv(task):
+    spec = get_task(task)
+    files = [sample(task, i) for i in range(3)] + [("broken.png", b"\x89PNG\r\n\x1a\nnope", "image/png")]
+    at = upload(select_task(new_app(), task), files)
+    # the bad file: an inline one-line error; the others proceed
+    assert len(at.error) == 1 and "broken.png" in at.error[0].value
+    table = at.dataframe[0].value
+    assert list(table["file"]) == [f[0] for f in files]
+    expected = ["file", "label", "confidence"] + (["p_malignant", "threshold"] if spec.decision == "threshold"
+                                                  else []) + ["ood", "warnings", "error"]
+    assert list(table.columns) == expected
+    assert set(table["label"][:3]) <= set(spec.class_names) | {aps.NO_ANSWER}
+    assert table["error"].iloc[3] and not table["error"].iloc[:3].any()
+    assert len(at.get("download_button")) == 1
+    assert len(at.get("progress")) == 1
+    assert any("4 images" in m.value for m in at.markdown)
+    # the first readable image is shown in detail, another one can be inspected
+    inspect = at.selectbox(key="inspect")
+    assert inspect.options == [f[0] for f in files[:3]]
+    inspect.set_value(2).run()
+    assert not at.exception
+    assert len(predicted_labels(at)) + sum("Unlike the training data" in w.value for w in at.warning) == 1
+    no_traceback(at)
+
+
+def test_batch_of_only_bad_files():
+    at = upload(new_app(), [("a.png", b"x", "image/png"), ("b.gif", b"", "image/gif")])
+    assert len(at.error) == 2
+    assert list(at.dataframe[0].value["file"]) == ["a.png", "b.gif"]
+    assert len(at.selectbox) == 0
+    no_traceback(at)
+
+
+# --------------------------------------------------------------------------- about
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_about_the_model(task):
+    at = select_task(new_app(), task)
+    markdown = texts(at.markdown)
+    for heading in ("Intended use", "Decision rule", "Performance", "Limitations", "Data and licences",
+                    "Training"):
+        assert heading in markdown
+    assert "CC BY 4.0" in markdown
+    assert any("not a medical device" in w.value for w in at.warning)
+    from medclassify.inference import get_predictor
+
+    command = aps.training_command(get_predictor(task).card)
+    if command:
+        assert any(command in c.value for c in at.code)
+    if get_predictor(task).card.get("test") is None:
+        assert any("Test-set results are not in this model card yet" in i.value for i in at.info)
+
+
+def test_about_with_test_metrics_and_confidence_intervals(monkeypatch):
+    from medclassify.inference import get_predictor
+
+    predictor = get_predictor("breast")
+    card = dict(predictor.card)
+    card["test"] = {"accuracy": 0.85, "auc": 0.9, "n": 156, "sensitivity": 0.8, "specificity": 0.87,
+                    "ci95": {"accuracy": [0.8, 0.9], "auc": [0.85, 0.95]},
+                    "confusion_matrix": [[33, 9], [15, 99]]}
+    monkeypatch.setattr(predictor, "card", card)
+    at = select_task(new_app(), "breast")
+    assert any("Official MedMNIST test split (156 images), 95% bootstrap" in c.value for c in at.caption)
+    metrics = at.dataframe[0].value
+    assert "95% CI" in metrics.columns
+    assert "0.800 – 0.900" in set(metrics["95% CI"])
+    assert any("Confusion matrix (test)" in m.value for m in at.markdown)
+    no_traceback(at)
+
+
+def test_about_with_an_empty_card(monkeypatch):
+    from medclassify.inference import get_predictor
+
+    monkeypatch.setattr(get_predictor("blood"), "card", {})
+    at = new_app()
+    assert any("no evaluation metrics" in i.value for i in at.info)
+    assert any("Intended use" in m.value for m in at.markdown)
+    no_traceback(at)
+
+
+# --------------------------------------------------------------------------- robustness and privacy
+
+
+def test_model_that_cannot_load_gives_a_message(monkeypatch):
+    import streamlit as st
+
+    from medclassify import inference
+
+    def broken(task, model_path=None):
+        raise OSError("disk on fire\nTraceback (most recent call last):")
+
+    st.cache_resource.clear()
+    monkeypatch.setattr(inference, "get_predictor", broken)
+    try:
+        at = AppTest.from_file(APP, default_timeout=60).run()
+        assert not at.exception
+        assert any("could not be loaded" in e.value for e in at.error)
+        assert "disk on fire" not in texts(at.error)
+    finally:
+        monkeypatch.undo()
+        st.cache_resource.clear()
+
+
+def test_uploads_are_not_written_to_disk():
+    """Upload an image carrying a unique marker; no file created meanwhile contains it."""
+    marker = secrets.token_hex(16)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("marker", marker)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    start = time.time() - 1
+    at = upload(new_app(), ("private.png", buffer.getvalue(), "image/png"))
+    assert predicted_labels(at) or at.warning
+    roots = [REPO_ROOT, Path(tempfile.gettempdir())]
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in (".venv", ".git", "__pycache__")]
+            for name in files:
+                path = Path(folder) / name
+                try:
+                    stat = path.stat()
+                    if stat.st_mtime < start or stat.st_size > 50_000_000:
+                        continue
+                    assert marker.encode() not in path.read_bytes(), path
+                except (OSError, PermissionError):
+                    continue
+
+
+def test_streamlit_config():
+    import streamlit.config as config
+
+    settings = tomllib.loads((REPO_ROOT / ".streamlit" / "config.toml").read_text())
+    assert settings["server"]["maxUploadSize"] == 20
+    assert settings["browser"]["gatherUsageStats"] is False
+    assert settings["client"]["showErrorDetails"] == "none"
+    options = config._config_options_template
+    for section, values in settings.items():
+        for key in values:
+            assert f"{section}.{key}" in options, f"unknown Streamlit option {section}.{key}"
+    assert "none" in {o.value for o in config.ShowErrorDetailsConfigOptions}
+
+
+def test_app_is_ui_only():
+    """app.py lays out widgets; it does not touch files the user sent."""
+    source = Path(APP).read_text()
+    assert "open(" not in source and "write_bytes" not in source and "NamedTemporaryFile" not in source
+    assert "model.predict(" not in source

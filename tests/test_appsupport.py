@@ -1,0 +1,352 @@
+"""The app's non-UI helpers (medclassify.appsupport): per-file processing, batch, table/CSV, wording,
+sample gallery, model-card tables.  Models: the shipped ones (placeholders are fine: no accuracy is asserted)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medclassify import appsupport as aps
+from medclassify.inference import Prediction, get_predictor
+from medclassify.registry import TASKS, get_task
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = REPO_ROOT / "sample_images"
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sample_bytes(task: str, index: int = 0) -> tuple[str, bytes]:
+    sample = aps.list_samples(task)[index]
+    return sample.name, sample.path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def predictors():
+    return {task: get_predictor(task) for task in TASKS}
+
+
+def fake_prediction(task: str, index: int = 0, ood: bool = False, p: float = 0.9) -> Prediction:
+    spec = get_task(task)
+    probs = np.full(spec.num_classes, (1 - p) / max(spec.num_classes - 1, 1))
+    probs[index] = p
+    return Prediction(task=task, label=spec.class_names[index], class_index=index,
+                      probabilities=dict(zip(spec.class_names, map(float, probs))),
+                      model_input=np.zeros(spec.input_shape, np.uint8), ood=ood,
+                      warnings=["unlike the training images", "second reason"] if ood else [],
+                      p_positive=float(probs[spec.positive_class]) if spec.positive_class is not None else None,
+                      threshold=0.3 if spec.decision == "threshold" else None)
+
+
+# --------------------------------------------------------------------------- processing
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_process_image_from_bytes(predictors, task):
+    name, data = sample_bytes(task)
+    result = aps.process_image(predictors[task], name, data)
+    assert result.ok and result.error is None
+    prediction = result.prediction
+    spec = get_task(task)
+    assert prediction.label in spec.class_names
+    assert set(prediction.probabilities) == set(spec.class_names)
+    assert abs(sum(prediction.probabilities.values()) - 1) < 1e-4
+    assert prediction.model_input.shape == spec.input_shape
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", "empty"),
+    (b"this is text, not an image", "not a recognised image"),
+    (png(np.zeros((40, 40, 3), np.uint8))[:60], "damaged or truncated"),
+])
+def test_bad_file_gives_one_line_error(predictors, data, expected):
+    result = aps.process_image(predictors["blood"], "bad.png", data)
+    assert not result.ok
+    assert expected in result.error
+    assert "\n" not in result.error and "Traceback" not in result.error
+
+
+def test_awkward_files_never_raise(predictors, awkward_files, awkward_kinds):
+    """Every odd file (DICOM included) gives a prediction or a one-line error, as preprocessing decides."""
+    for kind, path in awkward_files.items():
+        result = aps.process_image(predictors["breast"], path.name, path.read_bytes())
+        assert result.ok == (awkward_kinds[kind] == "ok"), (kind, result.error)
+        if not result.ok:
+            assert result.error and "\n" not in result.error
+
+
+def test_unexpected_exception_becomes_generic_error():
+    class Broken:
+        def predict(self, source):
+            raise RuntimeError("secret internal detail\nTraceback (most recent call last)")
+
+    result = aps.process_image(Broken(), "x.png", b"123")
+    assert result.error == "could not process this image (RuntimeError)"
+
+
+def test_process_batch_keeps_order_and_isolates_bad_files(predictors):
+    items = [sample_bytes("breast", 0), ("broken.png", b"garbage"), sample_bytes("breast", 3), ("empty.png", b"")]
+    calls = []
+    results = aps.process_batch(predictors["breast"], items, batch_size=2,
+                                on_progress=lambda done, total: calls.append((done, total)))
+    assert [r.name for r in results] == [name for name, _ in items]
+    assert [r.ok for r in results] == [True, False, True, False]
+    assert "not a recognised image" in results[1].error
+    assert "empty" in results[3].error
+    assert calls[-1] == (4, 4) and [c[0] for c in calls] == sorted(c[0] for c in calls)
+
+
+def test_process_batch_matches_single_image_results(predictors):
+    items = [sample_bytes("blood", i) for i in range(5)]
+    batch = aps.process_batch(predictors["blood"], items)
+    for (name, data), result in zip(items, batch):
+        single = aps.process_image(predictors["blood"], name, data)
+        assert single.prediction.label == result.prediction.label
+        for key, value in single.prediction.probabilities.items():
+            assert result.prediction.probabilities[key] == pytest.approx(value, abs=1e-5)
+
+
+def test_process_batch_survives_a_failing_model_call(predictors):
+    """If predict_many itself breaks, the remaining files are still answered one by one."""
+    real = predictors["blood"]
+
+    class Flaky:
+        def predict_many(self, sources, batch_size=64):
+            iterator = iter(sources)
+            yield "x", real.predict(next(iterator))
+            raise RuntimeError("model call failed")
+
+        def predict(self, source):
+            return real.predict(source)
+
+    items = [sample_bytes("blood", i) for i in range(3)] + [("bad.png", b"x")]
+    results = aps.process_batch(Flaky(), items)
+    assert [r.ok for r in results] == [True, True, True, False]
+
+
+def test_first_prediction_is_fast(predictors):
+    """A warm predictor answers one upload, Grad-CAM included, well under a second."""
+    from medclassify.explain import explainer_for
+
+    predictor = predictors["blood"]
+    explainer = explainer_for(predictor.model).warm_up()
+    name, data = sample_bytes("blood", 5)
+    start = time.perf_counter()
+    result = aps.process_image(predictor, name, data)
+    heatmap = explainer(result.prediction.model_input, result.prediction.class_index)
+    elapsed = time.perf_counter() - start
+    assert heatmap.shape == (28, 28)
+    assert elapsed < 1.0, f"{elapsed:.3f} s"
+
+
+def test_inputs_key_depends_on_task_names_and_bytes():
+    items = [("a.png", b"123"), ("b.png", b"456")]
+    key = aps.inputs_key("blood", items)
+    assert key == aps.inputs_key("blood", list(items))
+    assert key != aps.inputs_key("breast", items)
+    assert key != aps.inputs_key("blood", [("a.png", b"123"), ("b.png", b"457")])
+    assert key != aps.inputs_key("blood", items[::-1])
+
+
+# --------------------------------------------------------------------------- table, CSV, wording
+
+
+def test_results_table_blood():
+    results = [aps.ImageResult("a.png", fake_prediction("blood", 6, p=0.8)),
+               aps.ImageResult("b.png", fake_prediction("blood", 1, ood=True)),
+               aps.ImageResult("c.png", error="not a recognised image file")]
+    table = aps.results_table(results, "blood")
+    assert list(table.columns) == ["file", "label", "confidence", "ood", "warnings", "error"]
+    assert table.loc[0, "label"] == "neutrophil" and table.loc[0, "confidence"] == pytest.approx(0.8)
+    assert not table.loc[0, "ood"]
+    # unlike the training data: no label is given, only the reasons
+    assert table.loc[1, "label"] == aps.NO_ANSWER and table.loc[1, "ood"]
+    assert "unlike the training images" in table.loc[1, "warnings"]
+    assert table.loc[2, "error"] == "not a recognised image file" and table.loc[2, "label"] == ""
+
+
+def test_results_table_breast_has_p_malignant_and_threshold():
+    table = aps.results_table([aps.ImageResult("m.png", fake_prediction("breast", 0, p=0.7)),
+                               aps.ImageResult("x.png", error="file is empty")], get_task("breast"))
+    assert list(table.columns) == ["file", "label", "confidence", "p_malignant", "threshold", "ood", "warnings",
+                                   "error"]
+    assert table.loc[0, "p_malignant"] == pytest.approx(0.7)
+    assert table.loc[0, "threshold"] == pytest.approx(0.3)
+
+
+def test_results_csv_round_trip():
+    results = [aps.ImageResult("a, with comma.png", fake_prediction("breast", 1, p=0.9)),
+               aps.ImageResult("b.png", fake_prediction("breast", 0, ood=True)),
+               aps.ImageResult("c.png", error="image file is damaged or truncated (x)")]
+    data = aps.results_csv(aps.results_table(results, "breast"))
+    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+    assert [r["file"] for r in rows] == ["a, with comma.png", "b.png", "c.png"]
+    assert rows[0]["label"] == "normal/benign" and float(rows[0]["p_malignant"]) == pytest.approx(0.1)
+    assert rows[1]["ood"] == "True" and rows[1]["label"] == aps.NO_ANSWER
+    assert rows[2]["error"].startswith("image file is damaged")
+    assert aps.csv_name("breast").endswith(".csv")
+
+
+def test_breast_wording_is_careful():
+    positive, text = aps.breast_verdict(fake_prediction("breast", 0))
+    assert positive and text == aps.BREAST_POSITIVE and "refer to a specialist" in text
+    positive, text = aps.breast_verdict(fake_prediction("breast", 1))
+    assert not positive and text == aps.BREAST_NEGATIVE and "by this model" in text
+    for sentence in (aps.BREAST_POSITIVE, aps.BREAST_NEGATIVE, aps.BREAST_NOTE):
+        lowered = sentence.lower()
+        assert "you have" not in lowered and "definitely" not in lowered and "cancer-free" not in lowered
+
+
+def test_prediction_markdown_has_stable_prefix():
+    assert aps.prediction_markdown(fake_prediction("blood", 2)) == "**Prediction:** erythroblast"
+
+
+def test_summary_counts():
+    results = [aps.ImageResult("a", fake_prediction("blood")), aps.ImageResult("b", fake_prediction("blood", ood=True)),
+               aps.ImageResult("c", error="x")]
+    assert aps.summary(results) == {"total": 3, "classified": 1, "unreliable": 1, "failed": 1}
+
+
+def test_probabilities_frame():
+    frame = aps.probabilities_frame(fake_prediction("blood", 3, p=0.65))
+    assert list(frame["class"]) == list(get_task("blood").class_names)
+    assert frame["probability"].sum() == pytest.approx(1.0)
+
+
+def test_upscale_is_nearest_neighbour():
+    image = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28, 1)
+    big = aps.upscale(image, 196)
+    assert big.shape == (196, 196)
+    assert (big[:7, :7] == image[0, 0, 0]).all() and (big[7:14, :7] == image[1, 0, 0]).all()
+    assert aps.upscale(np.zeros((28, 28, 3), np.uint8), 56).shape == (56, 56, 3)
+
+
+def test_preview():
+    assert aps.preview(png(np.zeros((600, 300, 3), np.uint8)), max_side=256).shape == (256, 128, 3)
+    assert aps.preview(b"not an image") is None
+
+
+# --------------------------------------------------------------------------- sample gallery
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_sample_gallery_covers_every_class(task):
+    samples = aps.list_samples(task)
+    spec = get_task(task)
+    assert {s.label for s in samples} == set(spec.class_names)
+    assert 2 <= len(samples) <= 3 * spec.num_classes
+    for sample in samples:
+        assert sample.path.name.startswith(aps.slug(sample.label) + "_")
+        with Image.open(sample.path) as image:
+            assert image.size == (28, 28)
+            assert image.mode == ("RGB" if spec.channels == 3 else "L")
+
+
+def test_slug_and_missing_gallery(tmp_path):
+    assert aps.slug("normal/benign") == "normal-benign"
+    assert aps.slug("immature granulocytes") == "immature_granulocytes"
+    assert aps.list_samples("blood", root=tmp_path) == []
+    (tmp_path / "blood").mkdir()
+    (tmp_path / "blood" / "unknown_01.png").write_bytes(b"")
+    (tmp_path / "blood" / "platelet_01.png").write_bytes(b"")
+    assert [s.label for s in aps.list_samples("blood", root=tmp_path)] == ["platelet"]
+
+
+def test_sample_manifest_matches_files():
+    rows = list(csv.DictReader(open(SAMPLES / "manifest.csv")))
+    assert {r["file"] for r in rows} == {f"{s.task}/{s.name}" for t in TASKS for s in aps.list_samples(t)}
+    assert all(r["split"] == "test" for r in rows)
+
+
+@pytest.mark.realdata
+def test_make_samples_is_deterministic_and_matches_the_test_split(tmp_path, realdata_dir):
+    import importlib.util
+
+    from medclassify.data import load_split
+
+    spec_ = importlib.util.spec_from_file_location("make_samples", REPO_ROOT / "scripts" / "make_samples.py")
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    rows = module.make_samples(tmp_path / "a", realdata_dir)
+    module.make_samples(tmp_path / "b", realdata_dir)
+    assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
+    assert (tmp_path / "a" / "manifest.csv").read_bytes() == (SAMPLES / "manifest.csv").read_bytes()
+    splits = {task: load_split(task, "test", data_dir=realdata_dir) for task in TASKS}
+    for row in rows:
+        split = splits[row["task"]]
+        assert get_task(row["task"]).class_names[split.labels[row["index"]]] == row["label"]
+        expected = split.images[row["index"]]
+        for root in (tmp_path / "a", SAMPLES):
+            pixels = np.asarray(Image.open(root / row["file"]))
+            assert np.array_equal(pixels.reshape(expected.shape), expected), row["file"]
+
+
+# --------------------------------------------------------------------------- model card
+
+
+CARD = {
+    "test": {
+        "accuracy": 0.9, "auc": 0.95, "balanced_accuracy": 0.85, "f1_macro": 0.8, "n": 156,
+        "sensitivity": 0.8, "specificity": 0.9, "ece": 0.03,
+        "ci95": {"accuracy": [0.85, 0.94], "auc": [0.9, 0.98]},
+        "confusion_matrix": [[30, 12], [6, 108]],
+        "per_class": {"malignant": {"precision": 0.83, "recall": 0.71, "f1": 0.77, "support": 42}},
+    },
+    "validation": {"accuracy": 0.5},
+    "training": {"command": "python -m medclassify train --task breast"},
+    "decision": {"threshold": 0.2, "threshold_rule": "highest threshold keeping sensitivity >= 0.95"},
+}
+
+
+def test_card_metrics_prefers_test_then_validation():
+    assert aps.card_metrics(CARD)[0] == "test"
+    assert aps.card_metrics({**CARD, "test": None}) == ("validation", {"accuracy": 0.5})
+    assert aps.card_metrics({}) == (None, None)
+    assert aps.card_metrics(None) == (None, None)
+
+
+def test_metrics_frame_with_confidence_intervals():
+    frame = aps.metrics_frame(CARD["test"]).set_index("metric")
+    assert frame.loc["Accuracy", "value"] == pytest.approx(0.9)
+    assert frame.loc["Accuracy", "95% CI"] == "0.850 – 0.940"
+    assert frame.loc["Balanced accuracy", "95% CI"] == ""
+    assert "Sensitivity (malignant)" in frame.index
+    assert aps.metrics_frame({"auc": float("nan")}).empty
+
+
+def test_confusion_and_per_class_frames():
+    frame = aps.confusion_frame(CARD["test"], get_task("breast").class_names)
+    assert frame.loc["true: malignant", "pred: normal/benign"] == 12
+    assert aps.confusion_frame({}, ("a", "b")) is None
+    assert aps.confusion_frame({"confusion_matrix": [[1]]}, ("a", "b")) is None
+    assert list(aps.per_class_frame(CARD["test"])["class"]) == ["malignant"]
+    assert aps.per_class_frame({}) is None
+
+
+def test_decision_text_and_training_command():
+    breast, blood = get_task("breast"), get_task("blood")
+    text = aps.decision_text(CARD, breast, 0.2)
+    assert "0.200" in text and "sensitivity" in text
+    assert "highest" in aps.decision_text({}, blood, None)
+    assert aps.training_command(CARD).startswith("python -m medclassify train")
+    assert aps.training_command({}) is None
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_shipped_cards_render(predictors, task):
+    card = predictors[task].card
+    split, metrics = aps.card_metrics(card)
+    if metrics is not None:
+        aps.metrics_frame(metrics)
+        aps.confusion_frame(metrics, get_task(task).class_names)
+    json.dumps(card)  # the card is plain JSON

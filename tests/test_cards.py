@@ -1,0 +1,134 @@
+"""Model cards: written by training and evaluation, never by hand."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medclassify import cards
+from medclassify.cards import (
+    INTENDED_USE,
+    LIMITATIONS,
+    SCHEMA,
+    add_evaluation,
+    card_path,
+    input_spec,
+    read_card,
+    set_section,
+    write_card,
+)
+from medclassify.registry import TASKS, get_task
+
+TASK_NAMES = ("blood", "breast")
+
+
+def test_card_path(tmp_path):
+    assert card_path(tmp_path / "model_blood.h5") == tmp_path / "model_blood.card.json"
+    assert card_path("x/model.keras").name == "model.card.json"
+
+
+def test_missing_card_reads_as_empty(tmp_path):
+    assert read_card(tmp_path / "nothing.h5") == {}
+
+
+def test_write_read_set_section(tmp_path):
+    model = tmp_path / "m.h5"
+    write_card(model, {"a": 1})
+    assert read_card(model) == {"a": 1}
+    set_section(model, "ood", {"threshold": 3.0})
+    assert read_card(model) == {"a": 1, "ood": {"threshold": 3.0}}
+    assert card_path(model).read_text().endswith("\n")
+
+
+def test_add_evaluation_needs_a_card(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train the model"):
+        add_evaluation(tmp_path / "m.h5", {"split": "test", "accuracy": 0.5}, "cmd")
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_input_spec(task):
+    spec = get_task(task)
+    data = input_spec(spec)
+    assert data["shape"] == [28, 28, spec.channels]
+    assert ("centre-crop 200/360" in data["preprocessing"]) == (task == "blood")
+    assert "bicubic resize to 28x28" in data["preprocessing"]
+    assert data["expected_input"] == spec.expected_input
+
+
+def test_limitations_cover_every_task():
+    assert set(LIMITATIONS) == set(TASKS)
+    assert "Not a medical device" in INTENDED_USE
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_training_card(tiny_models, task):
+    spec = get_task(task)
+    tiny = tiny_models[task]
+    card = read_card(tiny.path)
+    assert card["schema"] == SCHEMA
+    assert card["name"] == tiny.path.stem
+    assert card["task"] == task
+    assert card["classes"] == list(spec.class_names)
+    assert card["input"] == input_spec(spec)
+    assert card["decision"]["rule"] == spec.decision
+    assert card["decision"]["threshold"] == tiny.result.threshold
+    if task == "breast":
+        assert card["decision"]["positive_class"] == "malignant"
+        assert "sensitivity >= 0.95" in card["decision"]["threshold_rule"]
+    else:
+        assert card["decision"]["positive_class"] is None
+    assert card["calibration"]["temperature"] == pytest.approx(tiny.result.temperature)
+    training = card["training"]
+    assert training["command"] == f"tests: tiny {task}"
+    assert training["config"]["task"] == task and training["config"]["epochs"] == 1
+    assert training["best_epoch"] == 1
+    assert set(training["environment"]) >= {"python", "tensorflow", "keras"}
+    assert card["validation"]["n"] == tiny.result.val_metrics["n"]
+    assert card["test"] is None
+    assert card["intended_use"] == INTENDED_USE
+    assert card["limitations"] == LIMITATIONS[task]
+    assert card["data"]["dataset"] == spec.flag
+    # fit_ood added its section
+    assert card["ood"]["distance_threshold"] == pytest.approx(tiny.ood["distance_threshold"])
+    json.dumps(card, allow_nan=False)  # strict JSON: no NaN/Infinity sneaks in
+
+
+def test_add_evaluation(tiny_models, tmp_path):
+    import shutil
+
+    model = tmp_path / "copy.h5"
+    shutil.copyfile(tiny_models["breast"].path, model)
+    shutil.copyfile(card_path(tiny_models["breast"].path), card_path(model))
+    add_evaluation(model, {"split": "test", "accuracy": 0.75}, "python -m medclassify evaluate --write-card")
+    add_evaluation(model, {"split": "val", "accuracy": 0.5}, "cmd val")
+    card = read_card(model)
+    assert card["test"] == {"split": "test", "accuracy": 0.75}
+    assert card["val"] == {"split": "val", "accuracy": 0.5}
+    assert card["evaluation_commands"] == {"test": "python -m medclassify evaluate --write-card", "val": "cmd val"}
+    assert card["training"]  # the rest is kept
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_shipped_cards(task):
+    """The cards next to the shipped models are complete, machine-written and match their models."""
+    spec = get_task(task)
+    assert spec.model_path.exists(), f"{spec.model_path} is missing"
+    card = read_card(spec.model_path)
+    assert card, f"{spec.card_path} is missing"
+    assert card["schema"] == SCHEMA
+    assert card["task"] == task
+    assert card["classes"] == list(spec.class_names)
+    assert card["input"]["shape"] == list(spec.input_shape)
+    assert card["intended_use"] == INTENDED_USE
+    assert card["limitations"]
+    assert card["training"]["command"].startswith("python -m medclassify train")
+    assert card["calibration"]["temperature"] > 0
+    if task == "breast":
+        assert 0.0 < card["decision"]["threshold"] < 1.0
+    assert "ood" in card and spec.model_path.with_suffix(".ood.npz").exists()
+    json.loads(spec.card_path.read_text(), parse_constant=lambda c: pytest.fail(f"{spec.card_path} contains {c}"))
+
+
+def test_cards_module_has_no_hand_typed_metrics():
+    text = open(cards.__file__).read()
+    assert "accuracy\":" not in text and "auc\":" not in text

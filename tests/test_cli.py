@@ -1,0 +1,325 @@
+"""The command line: ``python -m medclassify {train,evaluate,predict,fit-ood}`` and its exit codes.
+
+Most tests call ``medclassify.cli.main(argv)`` in-process (TensorFlow is imported
+once per session); a few run the real ``python -m medclassify`` entry point.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import AWKWARD_KINDS, REPO_ROOT, TINY_WIDTHS
+from medclassify.cli import main
+from medclassify.registry import get_task
+
+TASK_NAMES = ("blood", "breast")
+METRIC_KEYS = {"accuracy", "balanced_accuracy", "auc", "precision", "recall", "f1", "per_class", "confusion_matrix",
+               "n"}
+BREAST_KEYS = {"threshold", "sensitivity", "specificity", "accuracy_at_0_5"}
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    for suffix in (".h5", ".card.json", ".ood.npz"):
+        source = src.with_suffix(suffix)
+        if source.exists():
+            shutil.copyfile(source, dst.with_suffix(suffix))
+    return dst.with_suffix(".h5")
+
+
+# --------------------------------------------------------------------------- usage errors (exit 2)
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["predict"],
+    ["predict", "--task", "lung", "x.png"],
+    ["predict", "--task", "blood"],  # no paths
+    ["predict", "x.png"],  # no --task
+    ["evaluate", "--task", "blood", "--split", "train"],  # train is not an evaluation split
+    ["train", "--task", "blood", "--epochs", "many"],
+    ["frobnicate", "--task", "blood"],
+])
+def test_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "usage:" in err
+
+
+def test_bad_widths_exit_2(capsys):
+    code, _, err = run_main(capsys, "train", "--task", "blood", "--widths", "8,x")
+    assert code == 2 and "--widths" in err
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--help"])
+    assert info.value.code == 0
+    assert "--json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["predict", "--task", "lung", "x.png"], 2),
+    (["--version-does-not-exist"], 2),
+    ([], 2),
+])
+def test_entry_point_usage_errors(argv, code):
+    """The real ``python -m medclassify``: argparse errors exit 2 before TensorFlow is imported."""
+    proc = subprocess.run([sys.executable, "-m", "medclassify", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert "usage:" in proc.stderr
+
+
+# --------------------------------------------------------------------------- train
+
+def _train_smoke(capsys, tmp_path, data_dir, task, limit):
+    out = tmp_path / f"smoke_{task}.h5"
+    code, stdout, _ = run_main(capsys, "train", "--task", task, "--data-dir", data_dir, "--limit", limit,
+                               "--epochs", 1, "--widths", ",".join(map(str, TINY_WIDTHS)), "--batch-size", 64,
+                               "--out", out, "--quiet")
+    assert code == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])["validation"]
+    assert {"accuracy", "balanced_accuracy", "auc", "model", "best_epoch", "temperature", "threshold",
+            "wall_time_s"} <= set(summary)
+    assert summary["model"] == str(out) and summary["best_epoch"] == 1
+    assert (summary["threshold"] is None) == (task == "blood")
+    assert out.exists() and out.with_suffix(".card.json").exists() and out.with_suffix(".ood.npz").exists()
+    card = json.loads(out.with_suffix(".card.json").read_text())
+    assert card["training"]["command"].startswith("python -m medclassify ")
+    assert card["training"]["config"]["widths"] == list(TINY_WIDTHS)
+    assert "ood" in card
+    return out
+
+
+def test_train_smoke_breast(capsys, tmp_path, fixture_data_dir):
+    out = _train_smoke(capsys, tmp_path, fixture_data_dir, "breast", 30)
+    code, stdout, _ = run_main(capsys, "evaluate", "--task", "breast", "--model", out, "--data-dir",
+                               fixture_data_dir, "--json")
+    assert code == 0 and json.loads(stdout)["n"] == 10
+
+
+@pytest.mark.slow
+def test_train_smoke_blood(capsys, tmp_path, fixture_data_dir):
+    _train_smoke(capsys, tmp_path, fixture_data_dir, "blood", 96)
+
+
+def test_train_missing_data_exit_1(capsys, tmp_path, monkeypatch):
+    from medclassify import data
+
+    def offline(*args, **kwargs):
+        raise data.DataError("offline")
+
+    monkeypatch.setattr(data, "_download", offline)
+    code, _, err = run_main(capsys, "train", "--task", "breast", "--data-dir", tmp_path, "--epochs", 1,
+                            "--out", tmp_path / "m.h5", "--quiet")
+    assert code == 1 and err.startswith("error:")
+    assert not (tmp_path / "m.h5").exists()
+
+
+# --------------------------------------------------------------------------- evaluate
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_evaluate_json(capsys, tiny_models, fixture_data_dir, task):
+    code, stdout, _ = run_main(capsys, "evaluate", "--task", task, "--model", tiny_models[task].path,
+                               "--data-dir", fixture_data_dir, "--json")
+    assert code == 0
+    assert len(stdout.strip().splitlines()) == 1  # one JSON object
+    metrics = json.loads(stdout)
+    assert METRIC_KEYS <= set(metrics)
+    assert (BREAST_KEYS <= set(metrics)) == (task == "breast")
+    assert not (BREAST_KEYS & set(metrics)) or task == "breast"
+    for key in ("precision", "recall", "f1"):
+        assert set(metrics[key]) == {"macro", "weighted"}
+    spec = get_task(task)
+    assert list(metrics["per_class"]) == list(spec.class_names)
+    assert np.array(metrics["confusion_matrix"]).shape == (spec.num_classes, spec.num_classes)
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"] == (96 if task == "blood" else 10)
+    assert metrics["split"] == "test" and metrics["task"] == task
+    if task == "breast":
+        assert metrics["threshold"] == pytest.approx(tiny_models[task].result.threshold)
+
+
+def test_evaluate_text_bootstrap_and_write_card(capsys, tiny_models, fixture_data_dir, tmp_path):
+    model = copy_model(tiny_models["breast"].path, tmp_path / "model_breast.h5")
+    code, stdout, _ = run_main(capsys, "evaluate", "--task", "breast", "--model", model, "--data-dir",
+                               fixture_data_dir, "--bootstrap", 20, "--write-card", "--split", "val")
+    assert code == 0
+    for text in ("on the val split (n=10)", "accuracy", "sensitivity", "specificity", "95% CI", "confusion matrix",
+                 "malignant"):
+        assert text in stdout
+    card = json.loads(model.with_suffix(".card.json").read_text())
+    assert card["val"]["n"] == 10 and "ci95" in card["val"]
+    assert card["evaluation_commands"]["val"].startswith("python -m medclassify ")
+    assert card["test"] is None  # only the split that was evaluated
+
+
+def test_card_records_the_command_of_an_in_process_call(capsys, tiny_models, fixture_data_dir, tmp_path):
+    model = copy_model(tiny_models["breast"].path, tmp_path / "model_breast.h5")
+    code, _, _ = run_main(capsys, "evaluate", "--task", "breast", "--model", model, "--data-dir", fixture_data_dir,
+                          "--write-card", "--json")
+    assert code == 0
+    command = json.loads(model.with_suffix(".card.json").read_text())["evaluation_commands"]["test"]
+    assert command.startswith("python -m medclassify evaluate --task breast")
+
+
+def test_evaluate_missing_data_and_model_exit_1(capsys, tiny_models, tmp_path, monkeypatch):
+    from medclassify import data
+
+    monkeypatch.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(data.DataError("offline")))
+    code, _, err = run_main(capsys, "evaluate", "--task", "blood", "--model", tiny_models["blood"].path,
+                            "--data-dir", tmp_path)
+    assert code == 1 and "error:" in err
+    code, _, err = run_main(capsys, "evaluate", "--task", "blood", "--model", tmp_path / "missing.h5",
+                            "--data-dir", tmp_path)
+    assert code == 1 and "error:" in err
+
+
+def test_fit_ood_cli(capsys, tiny_models, fixture_data_dir, tmp_path):
+    model = copy_model(tiny_models["blood"].path, tmp_path / "b.h5")
+    model.with_suffix(".ood.npz").unlink()
+    code, stdout, _ = run_main(capsys, "fit-ood", "--task", "blood", "--model", model, "--data-dir", fixture_data_dir)
+    assert code == 0
+    settings = json.loads(stdout)
+    assert settings["distance_threshold"] == pytest.approx(tiny_models["blood"].ood["distance_threshold"], rel=1e-4)
+    assert model.with_suffix(".ood.npz").exists()
+
+
+# --------------------------------------------------------------------------- predict
+
+def _check_prediction(line: dict, task: str, threshold=None):
+    spec = get_task(task)
+    assert line["task"] == task
+    assert line["label"] in spec.class_names
+    assert spec.class_names[line["class_index"]] == line["label"]
+    assert list(line["probabilities"]) == list(spec.class_names)
+    assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert isinstance(line["ood"], bool) and isinstance(line["warnings"], list)
+    if task == "breast":
+        assert line["p_malignant"] == pytest.approx(line["probabilities"]["malignant"], abs=1e-6)
+        assert line["threshold"] == pytest.approx(threshold)
+        assert (line["label"] == "malignant") == (line["p_malignant"] >= threshold)
+    else:
+        assert "p_malignant" not in line
+        assert line["label"] == max(line["probabilities"], key=line["probabilities"].get)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_predict_json_good_and_awkward_files(capsys, tiny_models, fixture_images, awkward_files, task):
+    good = [info.path for info in fixture_images.values() if info.task == task]
+    awkward = [awkward_files[kind] for kind in sorted(AWKWARD_KINDS)]
+    missing = awkward_files["dicom"].parent / "does-not-exist.png"
+    files = good + awkward + [missing]
+    code, stdout, err = run_main(capsys, "predict", "--task", task, "--model", tiny_models[task].path, "--json",
+                                 "--no-progress", "--batch-size", 4, *files)
+    lines = json_lines(stdout)
+    assert [line["file"] for line in lines] == [str(f) for f in files]  # one line per file, in order
+    assert code == 1  # some failed
+    threshold = tiny_models[task].result.threshold
+    by_file = {line["file"]: line for line in lines}
+    for path in good:
+        _check_prediction(by_file[str(path)], task, threshold)
+    for kind in AWKWARD_KINDS:
+        line = by_file[str(awkward_files[kind])]
+        if AWKWARD_KINDS[kind] == "ok":
+            _check_prediction(line, task, threshold)
+        elif AWKWARD_KINDS[kind] == "error":
+            assert set(line) == {"file", "error"}, kind
+            assert line["error"] and "\n" not in line["error"], kind
+    assert "no such file" in by_file[str(missing)]["error"]
+    assert err == ""  # --no-progress: nothing on stderr
+
+
+def test_predict_all_good_exit_0_and_text_output(capsys, tiny_models, fixture_images):
+    good = sorted(str(info.path) for info in fixture_images.values() if info.task == "blood")
+    code, stdout, _ = run_main(capsys, "predict", "--task", "blood", "--model", tiny_models["blood"].path,
+                               "--no-progress", *good)
+    assert code == 0
+    rows = [line.split("\t") for line in stdout.splitlines()]
+    assert [row[0] for row in rows] == good
+    names = get_task("blood").class_names
+    for row in rows:
+        assert row[1] in names and 0.0 <= float(row[2]) <= 1.0
+
+
+def test_predict_folders_and_globs(capsys, tiny_models, fixture_images, tmp_path):
+    folder = tmp_path / "uploads"
+    (folder / "nested").mkdir(parents=True)
+    picks = sorted(info.path for info in fixture_images.values() if info.task == "breast")
+    for i, path in enumerate(picks):
+        shutil.copyfile(path, (folder / "nested" if i % 2 else folder) / path.name)
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    code, stdout, _ = run_main(capsys, "predict", "--task", "breast", "--model", tiny_models["breast"].path,
+                               "--json", "--no-progress", folder)
+    assert code == 0
+    assert sorted(Path(line["file"]).name for line in json_lines(stdout)) == sorted(p.name for p in picks)
+    code, stdout, _ = run_main(capsys, "predict", "--task", "breast", "--model", tiny_models["breast"].path,
+                               "--json", "--no-progress", str(folder / "**" / "*.png"))
+    assert code == 0
+    assert sorted(Path(line["file"]).name for line in json_lines(stdout)) == sorted(p.name for p in picks
+                                                                                    if p.suffix == ".png")
+    code, stdout, _ = run_main(capsys, "predict", "--task", "breast", "--model", tiny_models["breast"].path,
+                               "--json", "--no-progress", str(folder / "*.nothing"))
+    assert code == 1 and json_lines(stdout) == [{"file": str(folder / "*.nothing"), "error": json_lines(stdout)[0]["error"]}]
+
+
+def test_predict_progress_bar_goes_to_stderr(capsys, tiny_models, fixture_images):
+    good = [str(info.path) for info in fixture_images.values() if info.task == "breast"]
+    code, stdout, err = run_main(capsys, "predict", "--task", "breast", "--model", tiny_models["breast"].path,
+                                 "--json", *good)
+    assert code == 0 and len(json_lines(stdout)) == len(good)  # stdout stays pure JSON lines
+    assert "predict breast" in err
+
+
+def test_predict_model_problems(capsys, tmp_path, fixture_images):
+    image = str(next(iter(fixture_images.values())).path)
+    code, stdout, err = run_main(capsys, "predict", "--task", "blood", "--model", tmp_path / "missing.h5",
+                                 "--no-progress", image)
+    assert code in (1, 2) and "missing.h5" in err and "not found" in err and stdout == ""
+    broken = tmp_path / "broken.h5"
+    broken.write_text("not a model")
+    code, _, err = run_main(capsys, "predict", "--task", "blood", "--model", broken, "--no-progress", image)
+    assert code == 1 and "cannot load" in err
+
+
+def test_predict_wrong_task_for_model_is_reported(capsys, tiny_models, fixture_images):
+    """A breast model asked to do blood: the input shape differs, which must not crash with a traceback."""
+    image = str(next(info.path for info in fixture_images.values() if info.task == "blood"))
+    try:
+        code, _, err = run_main(capsys, "predict", "--task", "blood", "--model", tiny_models["breast"].path,
+                                "--no-progress", image)
+    except Exception as exc:  # pragma: no cover - reported as a bug
+        pytest.fail(f"predict crashed instead of reporting the mismatch: {type(exc).__name__}: {exc}")
+    assert code == 1 and "error" in err
+
+
+@pytest.mark.slow
+def test_entry_point_predict(tiny_models, fixture_images, awkward_files):
+    """The real ``python -m medclassify predict`` process: JSON lines on stdout and exit status 1 / 0."""
+    good = [str(info.path) for info in fixture_images.values() if info.task == "blood"][:2]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    base = [sys.executable, "-m", "medclassify", "predict", "--task", "blood", "--model",
+            str(tiny_models["blood"].path), "--json", "--no-progress"]
+    proc = subprocess.run(base + good + [str(awkward_files["text_renamed_png"])], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = json_lines(proc.stdout)
+    assert [line["file"] for line in lines] == good + [str(awkward_files["text_renamed_png"])]
+    assert "error" in lines[-1] and "label" in lines[0]

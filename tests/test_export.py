@@ -1,0 +1,87 @@
+"""``python -m medclassify export``: a SavedModel TensorFlow Serving can serve, matching the Keras model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medclassify import cli
+from medclassify.inference import Predictor, export_savedmodel
+from medclassify.preprocessing import prepare
+from medclassify.registry import TASKS, get_task
+
+TASK_NAMES = sorted(TASKS)
+
+
+def fixture_batch(fixture_images, task: str) -> np.ndarray:
+    """The real test-split thumbnails of ``task``, prepared exactly as the app and CLI prepare them."""
+    paths = sorted(info.path for info in fixture_images.values() if info.task == task)
+    assert paths
+    return np.stack([prepare(path, task).array for path in paths])
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("serving")
+    return {task: export_savedmodel(task, base / task, tiny_models[task].path) for task in TASK_NAMES}
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_layout_is_what_tf_serving_expects(exported, tiny_models, task):
+    version = exported[task]
+    assert version.name == "1"  # <base>/<version>/saved_model.pb
+    assert (version / "saved_model.pb").is_file()
+    assert (version / "variables").is_dir()
+    card = json.loads((version / "assets.extra" / "card.json").read_text())
+    assert card["task"] == task
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_reloaded_signature_matches_keras(exported, tiny_models, fixture_images, task):
+    import tensorflow as tf
+
+    spec = get_task(task)
+    loaded = tf.saved_model.load(str(exported[task]))
+    serve = loaded.signatures["serving_default"]
+    _, inputs = serve.structured_input_signature
+    assert list(inputs) == ["image"]
+    assert inputs["image"].dtype == tf.float32 and tuple(inputs["image"].shape) == (None, *spec.input_shape)
+    assert set(serve.structured_outputs) == {"probabilities", "class_index", "label"}
+
+    images = fixture_batch(fixture_images, task)
+    out = serve(image=tf.constant(images.astype(np.float32)))
+    predictor = Predictor(task, tiny_models[task].path)
+    keras_probs = predictor.model(images.astype(np.float32), training=False).numpy()
+    np.testing.assert_allclose(out["probabilities"].numpy(), keras_probs, rtol=1e-5, atol=1e-6)
+    # the decision (argmax, or the breast threshold from the card) is the Predictor's
+    expected = [predictor._decide(row) for row in out["probabilities"].numpy()]
+    assert out["class_index"].numpy().tolist() == expected
+    assert [label.decode() for label in out["label"].numpy()] == [spec.class_names[i] for i in expected]
+    # one image, as a TF Serving REST "instances" request would send it
+    one = serve(image=tf.constant(images[:1].astype(np.float32)))
+    np.testing.assert_allclose(one["probabilities"].numpy()[0], keras_probs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_versions_increment_and_never_overwrite(tiny_models, tmp_path):
+    path = tiny_models["breast"].path
+    base = tmp_path / "breast"
+    assert export_savedmodel("breast", base, path) == base / "1"
+    assert export_savedmodel("breast", base, path) == base / "2"
+    # a numeric last component is the version folder itself
+    assert export_savedmodel("breast", base / "7", path) == base / "7"
+    assert export_savedmodel("breast", base, path) == base / "8"
+    with pytest.raises(FileExistsError):
+        export_savedmodel("breast", base / "7", path)
+    with pytest.raises(FileNotFoundError):
+        export_savedmodel("breast", tmp_path / "other", tmp_path / "missing.h5")
+
+
+def test_cli_export(tiny_models, tmp_path, capsys):
+    base = tmp_path / "blood"
+    code = cli.main(["export", "--task", "blood", "--format", "savedmodel", "--model", str(tiny_models["blood"].path),
+                     "--out", str(base)])
+    assert code == 0
+    assert str(base / "1") in capsys.readouterr().out
+    assert (base / "1" / "saved_model.pb").is_file()

@@ -1,0 +1,142 @@
+"""Out-of-distribution rules: modality, blank images and the Mahalanobis feature distance."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medclassify.ood import (
+    BLANK_MAX_STD,
+    GRAYSCALE_MAX_COLOURFULNESS,
+    OODDetector,
+    ood_path,
+)
+from medclassify.preprocessing import prepare
+from medclassify.registry import get_task
+
+BLOOD, BREAST = get_task("blood"), get_task("breast")
+
+
+def test_ood_path(tmp_path):
+    assert ood_path(tmp_path / "model_blood.h5") == tmp_path / "model_blood.ood.npz"
+
+
+def test_distances_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 1, (3, 4))
+    a = rng.normal(0, 1, (4, 4))
+    precision = a @ a.T + np.eye(4)
+    detector = OODDetector(BLOOD, means, precision, threshold=10.0)
+    features = rng.normal(0, 2, (5, 4))
+    expected = [min(float((f - m) @ precision @ (f - m)) for m in means) for f in features]
+    np.testing.assert_allclose(detector.distances(features), expected, rtol=1e-10)
+    np.testing.assert_allclose(detector.distances(features[0]), expected[:1])  # one row is fine too
+    np.testing.assert_allclose(detector.distances(means), 0.0, atol=1e-12)
+
+
+def _prepared(array, task):
+    return prepare(np.asarray(array, dtype=np.uint8), task)
+
+
+def colourful(seed=0):
+    rng = np.random.default_rng(seed)
+    image = np.zeros((28, 28, 3), np.uint8)
+    image[..., 0] = rng.integers(150, 256, (28, 28))
+    image[..., 1] = rng.integers(0, 80, (28, 28))
+    image[..., 2] = rng.integers(100, 200, (28, 28))
+    return image
+
+
+def grayscale(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+
+
+def test_modality_rules_without_statistics():
+    blood = OODDetector(BLOOD)
+    breast = OODDetector(BREAST)
+    dummy = np.zeros((1, 4))
+    assert not blood.check(_prepared(colourful(), "blood"), None, dummy).flagged
+    verdict = blood.check(_prepared(grayscale(), "blood"), None, dummy)
+    assert verdict.flagged and "grayscale" in verdict.reasons[0] and verdict.score is None
+    assert not breast.check(_prepared(grayscale(), "breast"), None, dummy).flagged
+    verdict = breast.check(_prepared(colourful(), "breast"), None, dummy)
+    assert verdict.flagged and "colour image" in verdict.reasons[0]
+
+
+def test_blood_min_colourfulness_from_the_card():
+    image = _prepared(colourful(), "blood")
+    assert image.colourfulness > GRAYSCALE_MAX_COLOURFULNESS
+    strict = OODDetector(BLOOD, min_colourfulness=image.colourfulness + 1)
+    assert strict.check(image, None, np.zeros((1, 4))).flagged
+
+
+
+
+
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_blank_images_are_flagged(task):
+    channels = get_task(task).channels
+    flat = np.full((28, 28, 3) if channels == 3 else (28, 28), 200, np.uint8)
+    if channels == 3:
+        flat[..., 1] = 40  # colourful but constant
+    verdict = OODDetector(get_task(task)).check(_prepared(flat, task), None, np.zeros((1, 4)))
+    assert verdict.flagged
+    assert any("blank" in r for r in verdict.reasons)
+    array = _prepared(flat, task).array
+    assert float(array.reshape(-1, array.shape[-1]).std(axis=0).max()) < BLANK_MAX_STD
+
+
+def test_blank_gray_image_is_flagged_for_blood():
+    flat = np.full((28, 28, 3), 128, np.uint8)
+    verdict = OODDetector(BLOOD).check(_prepared(flat, "blood"), None, np.zeros((1, 4)))
+    assert any("blank" in r for r in verdict.reasons) and any("grayscale" in r for r in verdict.reasons)
+
+
+def test_feature_distance_rule():
+    means = np.zeros((2, 3))
+    detector = OODDetector(BREAST, means, np.eye(3), threshold=4.0)
+    image = _prepared(grayscale(), "breast")
+    near = detector.check(image, None, np.array([[1.0, 0.0, 0.0]]))
+    assert not near.flagged and near.score == pytest.approx(1.0)
+    far = detector.check(image, None, np.array([[3.0, 0.0, 0.0]]))
+    assert far.flagged and far.score == pytest.approx(9.0)
+    assert "feature distance 9 > 4" in far.reasons[0]
+
+
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_fit_ood_on_a_tiny_model(tiny_models, fixture_data_dir, task):
+    from medclassify.cards import read_card
+    from medclassify.data import load_split
+    from medclassify.inference import Predictor
+
+    spec = get_task(task)
+    tiny = tiny_models[task]
+    settings = tiny.ood
+    assert settings["distance_threshold"] > 0
+    assert settings["statistics_file"] == tiny.path.with_suffix(".ood.npz").name
+    assert ("min_colourfulness" in settings) == (spec.channels == 3)
+    if spec.channels == 3:
+        assert settings["min_colourfulness"] >= GRAYSCALE_MAX_COLOURFULNESS
+    assert read_card(tiny.path)["ood"] == settings
+
+    with np.load(ood_path(tiny.path)) as stats:
+        feature_dim = stats["means"].shape[1]
+        assert stats["means"].shape == (spec.num_classes, feature_dim)
+        assert stats["precision"].shape == (feature_dim, feature_dim)
+
+    predictor = Predictor(task, tiny.path, warm=False)
+    detector = OODDetector.for_model(spec, tiny.path, predictor.card)
+    assert detector.threshold == pytest.approx(settings["distance_threshold"])
+    val = load_split(task, "val", data_dir=fixture_data_dir)
+    _, features = predictor.predict_arrays(val.images)
+    flagged = detector.distances(features) > detector.threshold
+    assert flagged.mean() <= 0.05 + 1.0 / len(val.images)  # the 99% quantile of these very distances
+    # something wildly unlike the data is flagged
+    _, far = predictor.predict_arrays(np.full((1, *spec.input_shape), 255, np.uint8))
+    _, noise = predictor.predict_arrays(np.random.default_rng(0).integers(0, 256, (1, *spec.input_shape)))
+    assert max(detector.distances(far)[0], detector.distances(noise)[0]) > detector.threshold
+
+
+def test_for_model_without_statistics(tmp_path):
+    detector = OODDetector.for_model(BLOOD, tmp_path / "none.h5", {})
+    assert detector.means is None and detector.threshold is None
+    assert detector.check(_prepared(colourful(), "blood"), None, np.zeros((1, 4))).score is None

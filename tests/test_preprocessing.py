@@ -1,0 +1,504 @@
+"""Preprocessing: any upload -> the uint8 28-px array the model expects, or a one-line ImageError."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import AWKWARD_KINDS, gradient, png_header_only, write_dicom
+from medclassify import preprocessing
+from medclassify.preprocessing import ImageError, colourfulness, open_image, prepare, to_model_input
+from medclassify.registry import get_task
+
+TASK_NAMES = ("blood", "breast")
+MODES = ("L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "1")
+
+
+def make_image(mode: str, width: int, height: int, seed: int = 0) -> Image.Image:
+    """A random image of ``mode`` and size, built without relying on lossy conversions where avoidable."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    gray = rgb[..., 0]
+    if mode == "L":
+        image = Image.fromarray(gray)
+    elif mode == "LA":
+        image = Image.merge("LA", [Image.fromarray(gray), Image.fromarray(rgb[..., 1])])
+    elif mode == "P":
+        image = Image.fromarray(rgb).convert("P")
+    elif mode == "RGB":
+        image = Image.fromarray(rgb)
+    elif mode == "RGBA":
+        image = Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (height, width), dtype=np.uint8)]))
+    elif mode == "CMYK":
+        image = Image.fromarray(rgb).convert("CMYK")
+    elif mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    elif mode == "I":
+        image = Image.fromarray(rng.integers(-(2**20), 2**20, (height, width), dtype=np.int32))
+    elif mode == "F":
+        image = Image.fromarray(rng.normal(0.0, 1000.0, (height, width)).astype(np.float32))
+    elif mode == "1":
+        image = Image.fromarray(gray).convert("1")
+    else:
+        raise AssertionError(mode)
+    assert image.mode == mode
+    assert image.size == (width, height)
+    return image
+
+
+def png_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def assert_model_input(array: np.ndarray, task: str) -> None:
+    spec = get_task(task)
+    assert isinstance(array, np.ndarray)
+    assert array.dtype == np.uint8
+    assert array.shape == spec.input_shape
+    assert array.flags["C_CONTIGUOUS"]
+
+
+def assert_one_line(message: str) -> None:
+    assert message and message.strip() == message
+    assert "\n" not in message and "\r" not in message
+    assert len(message) < 200
+
+
+# --------------------------------------------------------------------------- properties
+
+@settings(max_examples=60)
+@given(mode=st.sampled_from(MODES), width=st.integers(8, 600), height=st.integers(8, 600),
+       task=st.sampled_from(TASK_NAMES), seed=st.integers(0, 2**16))
+@example(mode="RGB", width=360, height=363, task="blood", seed=0)
+@example(mode="L", width=500, height=500, task="breast", seed=0)
+@example(mode="I;16", width=8, height=600, task="breast", seed=1)
+@example(mode="1", width=600, height=8, task="blood", seed=2)
+def test_any_mode_and_size_gives_model_input(mode, width, height, task, seed):
+    image = make_image(mode, width, height, seed)
+    prepared = prepare(image, task)
+    assert_model_input(prepared.array, task)
+    assert prepared.original_size == (width, height)
+    assert prepared.original_mode == mode
+    assert np.isfinite(prepared.colourfulness) and prepared.colourfulness >= 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_every_mode_through_png_bytes(mode, task):
+    image = make_image(mode, 37, 23, seed=5)
+    if mode in ("CMYK", "F", "I"):  # PNG cannot store these modes; use TIFF
+        buffer = io.BytesIO()
+        image.save(buffer, format="TIFF")
+        data = buffer.getvalue()
+    else:
+        data = png_bytes(image)
+    assert_model_input(to_model_input(data, task), task)
+
+
+@settings(max_examples=40)
+@given(pixels=st.binary(min_size=28 * 28 * 3, max_size=28 * 28 * 3))
+def test_blood_thumbnail_passes_through_unchanged(pixels):
+    thumb = np.frombuffer(pixels, dtype=np.uint8).reshape(28, 28, 3)
+    for source in (thumb, Image.fromarray(thumb), png_bytes(Image.fromarray(thumb))):
+        out = to_model_input(source, "blood")
+        assert_model_input(out, "blood")
+        np.testing.assert_array_equal(out, thumb)
+
+
+@settings(max_examples=40)
+@given(pixels=st.binary(min_size=28 * 28, max_size=28 * 28))
+def test_breast_thumbnail_passes_through_unchanged(pixels):
+    thumb = np.frombuffer(pixels, dtype=np.uint8).reshape(28, 28)
+    for source in (thumb, thumb[..., None], Image.fromarray(thumb), png_bytes(Image.fromarray(thumb))):
+        out = to_model_input(source, "breast")
+        assert_model_input(out, "breast")
+        np.testing.assert_array_equal(out[..., 0], thumb)
+
+
+def test_real_thumbnails_pass_through(fixture_data_dir):
+    from medclassify.data import load_split
+
+    for task in TASK_NAMES:
+        split = load_split(task, "test", data_dir=fixture_data_dir)
+        for image in split.images[:10]:
+            np.testing.assert_array_equal(to_model_input(image, task), image)
+            source = image[..., 0] if image.shape[-1] == 1 else image
+            np.testing.assert_array_equal(to_model_input(png_bytes(Image.fromarray(source)), task), image)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the damaged headers it skips
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_never_raise_anything_but_image_error(data):
+    for task in TASK_NAMES:
+        try:
+            assert_model_input(to_model_input(data, task), task)
+        except ImageError as exc:
+            assert_one_line(str(exc))
+
+
+def _valid_files() -> dict[str, bytes]:
+    image = Image.fromarray(gradient(40, 32))
+    out = {}
+    for fmt, kwargs in (("PNG", {}), ("JPEG", {"quality": 90}), ("GIF", {}), ("BMP", {}), ("TIFF", {}),
+                        ("WEBP", {"quality": 90})):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kwargs)
+        out[fmt] = buffer.getvalue()
+    return out
+
+
+VALID_FILES = _valid_files()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the damaged headers it skips
+@settings(max_examples=150)
+@given(fmt=st.sampled_from(sorted(VALID_FILES)), edits=st.lists(
+    st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8), cut=st.integers(0, 10**6))
+def test_corrupted_files_never_raise_anything_but_image_error(fmt, edits, cut):
+    data = bytearray(VALID_FILES[fmt])
+    for position, value in edits:
+        data[position % len(data)] = value
+    data = bytes(data[: max(1, len(data) - cut % len(data))])
+    for task in TASK_NAMES:
+        try:
+            assert_model_input(to_model_input(data, task), task)
+        except ImageError as exc:
+            assert_one_line(str(exc))
+
+
+# --------------------------------------------------------------------------- sources
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_all_source_kinds_agree(tmp_path, task):
+    image = Image.fromarray(gradient(120, 90, seed=3))
+    data = png_bytes(image)
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    sources = {
+        "bytes": data,
+        "bytearray": bytearray(data),
+        "memoryview": memoryview(data),
+        "str path": str(path),
+        "Path": path,
+        "PIL": image,
+        "ndarray": np.asarray(image),
+        "file-like": io.BytesIO(data),
+        "open file": open(path, "rb"),
+    }
+    try:
+        reference = to_model_input(data, task)
+        assert_model_input(reference, task)
+        for name, source in sources.items():
+            np.testing.assert_array_equal(to_model_input(source, task), reference, err_msg=name)
+    finally:
+        sources["open file"].close()
+
+
+def test_grayscale_array_with_channel_axis_and_float_arrays():
+    gray = gradient(50, 50, channels=1)
+    a = to_model_input(gray, "breast")
+    np.testing.assert_array_equal(to_model_input(gray[..., None], "breast"), a)
+    # float in 0..1 is stretched to 0..255: same picture up to rounding
+    as_float = to_model_input(gray.astype(np.float64) / 255.0, "breast")
+    stretched = to_model_input(((gray.astype(np.float64) - gray.min()) / np.ptp(gray)), "breast")
+    np.testing.assert_array_equal(as_float, stretched)
+    assert np.abs(as_float.astype(int) - a.astype(int)).max() <= 6 + int(255 - np.ptp(gray))
+
+
+@settings(max_examples=40)
+@given(dtype=st.sampled_from(["uint8", "uint16", "int16", "int32", "int64", "float32", "float64", "bool"]),
+       channels=st.sampled_from([None, 1, 3, 4]), width=st.integers(8, 80), height=st.integers(8, 80),
+       task=st.sampled_from(TASK_NAMES))
+def test_arrays_of_any_dtype(dtype, channels, width, height, task):
+    rng = np.random.default_rng(width * 1000 + height)
+    shape = (height, width) if channels is None else (height, width, channels)
+    array = (rng.random(shape) * 300 - 20).astype(dtype)
+    assert_model_input(to_model_input(array, task), task)
+
+
+def test_array_with_nan_and_constant_values():
+    nan = np.full((30, 30), np.nan)
+    nan[:15] = 1.0
+    assert_model_input(to_model_input(nan, "breast"), "breast")
+    flat = to_model_input(np.full((30, 30), 7.5), "breast")
+    assert (flat == 0).all()  # a constant float image has no range to stretch
+
+
+@pytest.mark.parametrize("array", [np.zeros((30, 30, 2), np.uint8), np.zeros((2, 30, 30, 3), np.uint8),
+                                   np.zeros(30, np.uint8), np.zeros((4, 4, 3), np.uint8)])
+def test_bad_arrays(array):
+    with pytest.raises(ImageError) as info:
+        prepare(array, "blood")
+    assert_one_line(str(info.value))
+
+
+@pytest.mark.parametrize("source", [12345, None, 3.5, object()])
+def test_unsupported_source_types(source):
+    with pytest.raises(ImageError, match="cannot read an image from"):
+        prepare(source, "blood")
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        prepare(tmp_path / "missing.png", "blood")
+    with pytest.raises(ImageError, match="no such file"):
+        prepare(str(tmp_path), "blood")
+
+
+def test_too_many_bytes(tmp_path, monkeypatch):
+    data = png_bytes(Image.fromarray(gradient(40, 40)))
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    monkeypatch.setattr(preprocessing, "MAX_BYTES", len(data) - 1)
+    for source in (path, data, io.BytesIO(data)):
+        with pytest.raises(ImageError, match="larger than"):
+            prepare(source, "blood")
+
+
+@pytest.mark.parametrize("size", [(7, 100), (100, 7), (1, 1)])
+def test_too_small(size):
+    with pytest.raises(ImageError, match="too small"):
+        prepare(Image.new("RGB", size), "blood")
+    with pytest.raises(ImageError, match="too small"):
+        prepare(png_bytes(Image.new("L", size)), "breast")
+
+
+def test_task_as_spec_or_name():
+    image = Image.fromarray(gradient(64, 64))
+    np.testing.assert_array_equal(to_model_input(image, get_task("blood")), to_model_input(image, "blood"))
+    with pytest.raises(ValueError, match="unknown task"):
+        to_model_input(image, "lung")
+
+
+# --------------------------------------------------------------------------- orientation and frames
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation, rotate", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_exif_orientation_is_applied(fmt, orientation, rotate):
+    thumb = gradient(28, 28, seed=11, noise=0 if fmt == "JPEG" else 8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(thumb).save(buffer, format=fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    out = to_model_input(buffer.getvalue(), "blood")
+    expected = np.rot90(thumb, rotate)  # np.rot90: k>0 counter-clockwise
+    if fmt == "PNG":
+        np.testing.assert_array_equal(out, expected)
+    else:
+        error = np.abs(out.astype(int) - expected.astype(int)).mean()
+        assert error < 3
+        for wrong in (1, 2, 3):
+            assert np.abs(out.astype(int) - np.rot90(thumb, rotate + wrong).astype(int)).mean() > 4 * error
+
+
+def test_exif_orientation_on_a_non_square_image():
+    image = Image.fromarray(gradient(60, 30, seed=2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    prepared = prepare(png_bytes(image, exif=exif), "breast")
+    assert prepared.original_size == (30, 60)  # after rotation
+    np.testing.assert_array_equal(prepared.array, to_model_input(image.rotate(-90, expand=True), "breast"))
+
+
+def test_broken_exif_does_not_lose_the_image():
+    image = Image.fromarray(gradient(40, 40))
+    data = png_bytes(image, exif=b"Exif\x00\x00garbage-that-is-not-tiff")
+    assert_model_input(to_model_input(data, "blood"), "blood")
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_animated_image_uses_first_frame(fmt):
+    first = Image.fromarray(gradient(48, 48, seed=1))
+    second = Image.fromarray(255 - gradient(48, 48, seed=1))
+    buffer = io.BytesIO()
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    first.save(buffer, format=fmt, save_all=True, append_images=[second], duration=100, loop=0, **kwargs)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as reopened:
+        assert getattr(reopened, "n_frames", 1) == 2
+        reopened.seek(0)
+        frame0 = reopened.convert("RGB")
+        reopened.seek(1)
+        frame1 = reopened.convert("RGB")
+    out = to_model_input(data, "blood")
+    np.testing.assert_array_equal(out, to_model_input(frame0, "blood"))
+    assert not np.array_equal(out, to_model_input(frame1, "blood"))
+
+
+def test_pil_image_positioned_on_a_later_frame_still_gives_an_array():
+    buffer = io.BytesIO()
+    Image.fromarray(gradient(48, 48)).save(buffer, format="GIF", save_all=True,
+                                           append_images=[Image.fromarray(255 - gradient(48, 48))])
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    image.seek(1)
+    assert_model_input(to_model_input(image, "blood"), "blood")
+
+
+# --------------------------------------------------------------------------- MedMNIST geometry
+
+def _thumbnail(fixture_images, task: str) -> np.ndarray:
+    name = next(n for n, info in sorted(fixture_images.items()) if info.task == task and n.endswith(".png"))
+    array = np.asarray(Image.open(fixture_images[name].path))
+    return array if array.ndim == 3 else array[..., None]
+
+
+def test_blood_source_geometry_recovers_thumbnail(fixture_images):
+    thumb = _thumbnail(fixture_images, "blood")
+    cell = Image.fromarray(thumb).resize((200, 200), Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(0)
+    canvas = Image.fromarray(rng.integers(0, 256, (363, 360, 3), dtype=np.uint8))  # 360 wide, 363 high
+    canvas.paste(cell, ((360 - 200) // 2, (363 - 200) // 2))
+    prepared = prepare(canvas, "blood")
+    assert prepared.original_size == (360, 363)
+    diff = np.abs(prepared.array.astype(int) - thumb.astype(int)).mean()
+    assert diff < 4.0, diff
+    # Control: without the centre crop the noise border dominates, so the test can tell.
+    uncropped = np.asarray(canvas.resize((28, 28), Image.Resampling.BICUBIC)).astype(int)
+    assert np.abs(uncropped - thumb.astype(int)).mean() > 4 * diff
+
+
+def test_blood_jpeg_source_geometry(fixture_images):
+    thumb = _thumbnail(fixture_images, "blood")
+    canvas = Image.new("RGB", (360, 363), tuple(int(v) for v in thumb[0, 0]))
+    canvas.paste(Image.fromarray(thumb).resize((200, 200), Image.Resampling.BICUBIC), (80, 81))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="JPEG", quality=95)
+    diff = np.abs(to_model_input(buffer.getvalue(), "blood").astype(int) - thumb.astype(int)).mean()
+    assert diff < 5.0, diff
+
+
+def test_breast_source_geometry_recovers_thumbnail(fixture_images):
+    thumb = _thumbnail(fixture_images, "breast")
+    source = Image.fromarray(thumb[..., 0]).resize((500, 500), Image.Resampling.BICUBIC)
+    out = to_model_input(source, "breast")
+    diff = np.abs(out.astype(int) - thumb.astype(int)).mean()
+    assert diff < 4.0, diff
+    # the same ultrasound as RGB (what many viewers export) gives the same input
+    np.testing.assert_array_equal(to_model_input(source.convert("RGB"), "breast"), out)
+
+
+@pytest.mark.parametrize("size", [64, 128, 224])
+def test_medmnist_plus_thumbnails_are_not_cropped(size):
+    image = Image.fromarray(gradient(size, size, seed=4))
+    expected = np.asarray(image.resize((28, 28), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(to_model_input(image, "blood"), expected)
+
+
+def test_non_thumbnail_blood_is_centre_cropped():
+    image = Image.fromarray(gradient(300, 300, seed=4))  # square but not a MedMNIST size
+    side = round(300 * 200 / 360)
+    left = (300 - side) // 2
+    expected = np.asarray(image.crop((left, left, left + side, left + side)).resize((28, 28), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(to_model_input(image, "blood"), expected)
+
+
+# --------------------------------------------------------------------------- colour and transparency
+
+def test_transparent_pixels_become_white():
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3] = 10
+    out = to_model_input(Image.fromarray(rgba), "blood")  # fully transparent
+    assert (out == 255).all()
+
+
+def test_colourfulness():
+    assert colourfulness(np.full((28, 28, 3), 128, np.uint8)) == 0.0
+    gray = np.repeat(gradient(28, 28, 1)[..., None], 3, axis=-1)
+    assert colourfulness(gray) == pytest.approx(0.0, abs=1e-6)
+    assert colourfulness(gradient(28, 28, 3)) > 8.0
+    assert colourfulness(np.zeros((28, 28), np.uint8)) == 0.0  # not RGB
+
+
+def test_prepare_reports_colourfulness_of_the_upload():
+    colour = prepare(Image.fromarray(gradient(64, 64)), "breast")
+    assert colour.array.shape == (28, 28, 1)
+    assert colour.colourfulness > 8.0  # so the OOD check can flag a colour image sent to the breast model
+    gray = prepare(Image.fromarray(gradient(64, 64, 1)), "blood")
+    assert gray.colourfulness < 1.0
+
+
+# --------------------------------------------------------------------------- malformed and unusual files
+
+@pytest.mark.parametrize("kind", sorted(AWKWARD_KINDS))
+@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["path", "bytes"])
+def test_awkward_files(awkward_files, kind, task, as_bytes):
+    path = awkward_files[kind]
+    source = path.read_bytes() if as_bytes else path
+    expected = AWKWARD_KINDS[kind]
+    try:
+        array = to_model_input(source, task)
+    except ImageError as exc:
+        assert_one_line(str(exc))
+        assert expected in ("error", "either"), f"{kind}: unexpected ImageError {exc}"
+    else:
+        assert_model_input(array, task)
+        assert expected in ("ok", "either"), f"{kind}: expected an ImageError"
+
+
+@pytest.mark.parametrize("width, height", [(100_000, 100_000), (60_000, 1_000), (100_000, 8)])
+def test_huge_dimension_headers_are_refused_without_allocating(width, height):
+    with pytest.raises(ImageError) as info:
+        prepare(png_header_only(width, height), "blood")
+    assert_one_line(str(info.value))
+
+
+def test_huge_dimensions_message():
+    with pytest.raises(ImageError, match="too large"):
+        prepare(png_header_only(100_000, 100_000), "blood")
+
+
+def test_sixteen_bit_png_is_stretched_like_eight_bit():
+    eight = gradient(40, 40, 1)
+    sixteen = eight.astype(np.uint16) * 257
+    out16 = to_model_input(png_bytes(Image.fromarray(sixteen)), "breast").astype(int)
+    out8 = to_model_input(Image.fromarray(np.round((eight - eight.min()) * 255.0 / np.ptp(eight)).astype(np.uint8)),
+                          "breast").astype(int)
+    assert np.abs(out16 - out8).max() <= 1
+
+
+def test_cmyk_jpeg_keeps_colour():
+    rgb = gradient(72, 72)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    out = to_model_input(buffer.getvalue(), "blood").astype(int)
+    expected = to_model_input(rgb, "blood").astype(int)
+    assert np.abs(out - expected).mean() < 3
+
+
+def test_palette_png_matches_its_rgb_version():
+    image = Image.fromarray(gradient(64, 64)).convert("P")
+    np.testing.assert_array_equal(to_model_input(png_bytes(image), "blood"),
+                                  to_model_input(image.convert("RGB"), "blood"))
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_dicom(tmp_path, task):
+    pixels = (gradient(64, 64, 1).astype(np.uint16) * 64)
+    path = write_dicom(tmp_path / "scan.dcm", pixels)
+    image = open_image(path)
+    assert image.size == (64, 64)
+    out = to_model_input(path, task)
+    assert_model_input(out, task)
+    expected = to_model_input(np.round((pixels - pixels.min()) * 255.0 / np.ptp(pixels)).astype(np.uint8), task)
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+    # MONOCHROME1 shows low values as white: the same pixels come out inverted.
+    inverted = to_model_input(write_dicom(tmp_path / "inv.dcm", pixels, "MONOCHROME1"), task)
+    assert np.abs(inverted.astype(int) - (255 - out.astype(int))).max() <= 2
+
+
+def test_dicom_without_preamble_and_broken_dicom(tmp_path):
+    path = write_dicom(tmp_path / "scan.dcm", gradient(32, 32, 1).astype(np.uint16))
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    broken = data[:140] + b"\x00" * 10  # DICM magic, then nothing usable
+    with pytest.raises(ImageError, match="DICOM") as info:
+        prepare(broken, "breast")
+    assert_one_line(str(info.value))

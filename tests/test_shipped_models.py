@@ -1,0 +1,88 @@
+"""The shipped models on the full official test split: the quality bar the project promises.
+
+Needs the official MedMNIST files (``realdata``).  The thresholds are the
+acceptance targets for ``model_blood.h5`` / ``model_breast.h5`` at the repo
+root; they are checked through the same CLI users run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medclassify.cli import main
+from medclassify.registry import get_task
+
+pytestmark = pytest.mark.realdata
+
+#: Minimum test-split metrics of the shipped models (raise them as the models improve).
+THRESHOLDS = {"blood": {"accuracy": 0.945}, "breast": {"auc": 0.913}}
+#: Minimum agreement of ``predict`` on 28-px JPEG copies (quality 95) of the blood test images with the true labels.
+BLOOD_JPEG_AGREEMENT = 0.93
+CLI_FILES = 300
+OFFICIAL_TEST_SIZE = {"blood": 3421, "breast": 156}
+
+
+def _evaluate(capsys, task: str, data_dir: Path) -> dict:
+    code = main(["evaluate", "--task", task, "--data-dir", str(data_dir), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("task", sorted(THRESHOLDS))
+def test_shipped_model_meets_its_thresholds(capsys, realdata_dir, task):
+    spec = get_task(task)
+    assert spec.model_path.exists(), f"shipped model {spec.model_path} is missing"
+    metrics = _evaluate(capsys, task, realdata_dir)
+    assert metrics["model"] == str(spec.model_path)
+    assert metrics["split"] == "test" and metrics["n"] == OFFICIAL_TEST_SIZE[task]
+    shortfalls = {name: (round(metrics[name], 4), minimum) for name, minimum in THRESHOLDS[task].items()
+                  if not metrics[name] >= minimum}
+    assert not shortfalls, (
+        f"{spec.model_path.name} on the official {task} test split (n={metrics['n']}): "
+        + ", ".join(f"{name} {value} < required {minimum}" for name, (value, minimum) in shortfalls.items()))
+
+
+def test_blood_predict_on_jpeg_copies_of_the_test_split(capsys, realdata_dir, tmp_path):
+    """End to end through files: JPEG (quality 95) 28-px copies of ALL blood test images."""
+    from medclassify.data import load_split
+    from medclassify.inference import Predictor
+
+    spec = get_task("blood")
+    test = load_split("blood", "test", data_dir=realdata_dir, download=False)
+    cli_dir, rest_dir = tmp_path / "cli", tmp_path / "rest"
+    cli_dir.mkdir()
+    rest_dir.mkdir()
+    paths, truth = [], {}
+    for i, (image, label) in enumerate(zip(test.images, test.labels)):
+        path = (cli_dir if i < CLI_FILES else rest_dir) / f"blood_{i:04d}.jpg"
+        Image.fromarray(image).save(path, quality=95)
+        paths.append(path)
+        truth[str(path)] = int(label)
+    assert len(paths) == OFFICIAL_TEST_SIZE["blood"]
+
+    # All files through the batch API (what the CLI uses underneath)...
+    predictor = Predictor("blood")
+    results = list(predictor.predict_many([str(p) for p in paths], batch_size=512))
+    assert [src for src, _ in results] == [str(p) for p in paths]
+    errors = [(src, r) for src, r in results if isinstance(r, str)]
+    assert not errors, errors[:5]
+    agreement = np.mean([r.class_index == truth[src] for src, r in results])
+
+    # ...and a few hundred through the real command line.
+    code = main(["predict", "--task", "blood", "--json", "--no-progress", str(cli_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == CLI_FILES
+    cli_agreement = np.mean([spec.class_names.index(line["label"]) == truth[line["file"]] for line in lines])
+    by_file = {src: r for src, r in results}
+    assert all(line["label"] == by_file[line["file"]].label for line in lines)  # CLI == batch API
+
+    assert agreement >= BLOOD_JPEG_AGREEMENT, (
+        f"predict on JPEG copies agrees with the true label on {agreement:.4f} of {len(paths)} blood test images "
+        f"(CLI subset: {cli_agreement:.4f} of {CLI_FILES}); required {BLOOD_JPEG_AGREEMENT}")

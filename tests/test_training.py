@@ -1,0 +1,235 @@
+"""Training: the 1-epoch smoke runs, SMOTE, temperature scaling and the breast threshold."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medclassify import training
+from medclassify.data import Split
+from medclassify.models import load_model, model_temperature
+from medclassify.registry import get_task
+from medclassify.training import (
+    TrainConfig,
+    balanced_class_weight,
+    choose_threshold,
+    config_dict,
+    environment,
+    fit_temperature,
+    smote_oversample,
+    train,
+)
+
+TASK_NAMES = ("blood", "breast")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- smoke training (tiny_models fixture)
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_smoke_training_run(tiny_models, task):
+    """One epoch on the fixture data through train() + save_trained() + fit_ood()."""
+    spec = get_task(task)
+    tiny = tiny_models[task]
+    result = tiny.result
+    assert result.config.task == task and result.config.epochs == 1
+    assert result.best_epoch == 1
+    assert {"loss", "accuracy"} <= set(result.history)
+    assert all(len(v) == 1 and math.isfinite(v[0]) for v in result.history.values())
+    assert 0.05 <= result.temperature <= 20.0
+    assert result.wall_time_s > 0
+    metrics = result.val_metrics
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["n"] == (24 if task == "blood" else 6)  # the stratified val subset of limit // 4
+    if spec.decision == "threshold":
+        assert result.threshold is not None and 0.0 <= result.threshold <= 1.0
+        assert metrics["threshold"] == pytest.approx(result.threshold)
+        assert metrics["sensitivity"] >= result.config.target_sensitivity  # chosen to keep it on val
+    else:
+        assert result.threshold is None
+
+    # the saved model is the calibrated one
+    assert tiny.path.exists()
+    assert tiny.path.with_suffix(".card.json").exists()
+    assert tiny.path.with_suffix(".ood.npz").exists()
+    model = load_model(tiny.path)
+    assert model_temperature(model) == pytest.approx(result.temperature, rel=1e-5)
+    assert model.output_shape == (None, spec.num_classes)
+
+
+def test_smote_balances_the_training_split_only(fixture_data_dir, monkeypatch):
+    calls = []
+    real = training.smote_oversample
+
+    def spy(images, labels, seed=0):
+        out = real(images, labels, seed)
+        calls.append((images.shape, np.bincount(labels, minlength=2), np.bincount(out[1], minlength=2)))
+        return out
+
+    monkeypatch.setattr(training, "smote_oversample", spy)
+    seen = {}
+
+    def fit_spy(model, train_split, val_split, spec, cfg, epochs, learning_rate, class_weight):
+        # what the optimiser would see; skip the (slow) fitting itself -- the smoke runs cover it
+        seen["train"] = np.bincount(train_split.labels, minlength=2)
+        seen["val"] = np.bincount(val_split.labels, minlength=2)
+        return {"loss": [1.0]}, 1
+
+    monkeypatch.setattr(training, "_fit", fit_spy)
+    cfg = TrainConfig(task="breast", epochs=1, limit=30, smote=True, widths=(4, 8), batch_size=64,
+                      data_dir=str(fixture_data_dir), verbose=0)
+    result = train(cfg)
+    assert len(calls) == 1  # once, on the training split
+    shape, before, after = calls[0]
+    assert shape == (25, 28, 28, 1)  # limit 30 -> 15 per class, but the fixture has only 10 malignant
+    assert before.tolist() == [10, 15]
+    assert after.tolist() == [15, 15]
+    assert seen["train"].tolist() == [15, 15]
+    assert seen["val"].tolist() == [3, 3]  # validation untouched: the real (stratified) subset
+    assert result.val_metrics["n"] == 6
+
+
+def test_smote_oversample_directly(fixture_data_dir):
+    from medclassify.data import load_split
+
+    split = load_split("blood", "train", data_dir=fixture_data_dir)
+    keep = np.concatenate([np.flatnonzero(split.labels == c)[: 3 + c] for c in range(8)])
+    images, labels = split.images[keep], split.labels[keep]
+    new_images, new_labels = smote_oversample(images, labels, seed=0)
+    counts = np.bincount(new_labels)
+    assert (counts == counts.max()).all() and counts.max() == 10
+    assert new_images.dtype == np.uint8 and new_images.shape[1:] == images.shape[1:]
+    assert new_labels.dtype == np.int64
+    # the originals are kept, the synthetic cases are new
+    np.testing.assert_array_equal(new_images[: len(images)], images)
+    # deterministic for a seed
+    again, _ = smote_oversample(images, labels, seed=0)
+    np.testing.assert_array_equal(again, new_images)
+
+
+def test_smote_with_a_singleton_class_is_a_no_op():
+    images = np.zeros((5, 28, 28, 1), np.uint8)
+    labels = np.array([0, 1, 1, 1, 1])
+    out_images, out_labels = smote_oversample(images, labels)
+    assert out_images is images and out_labels is labels
+
+
+def test_balanced_class_weight():
+    weights = balanced_class_weight(np.array([0, 0, 0, 1]), 2)
+    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
+
+
+# --------------------------------------------------------------------------- temperature
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.0, 4.0])
+def test_fit_temperature_recovers_a_known_temperature(true_t):
+    rng = np.random.default_rng(int(true_t * 10))
+    n, k = 20000, 5
+    logits = rng.normal(0.0, 3.0, (n, k))
+    # labels drawn from softmax(logits / T): the model's T=1 probabilities are miscalibrated by T
+    true_probs = softmax(logits / true_t)
+    labels = (rng.random((n, 1)) > np.cumsum(true_probs, axis=1)).sum(axis=1)
+    fitted = fit_temperature(softmax(logits), labels)
+    assert fitted == pytest.approx(true_t, rel=0.06)
+
+
+def test_fit_temperature_is_bounded():
+    probs = np.array([[0.99, 0.01], [0.01, 0.99]] * 50)
+    labels = np.array([1, 0] * 50)  # always confidently wrong: the NLL wants T as large as allowed
+    assert fit_temperature(probs, labels) == pytest.approx(20.0, rel=0.01)
+
+
+# --------------------------------------------------------------------------- threshold
+
+def test_choose_threshold_hand_example():
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1])
+    positive = np.array([1, 1, 1, 1, 0, 0, 0])
+    assert choose_threshold(p, positive, 0.75) == pytest.approx(0.7)  # 3 of 4 positives
+    assert choose_threshold(p, positive, 1.0) == pytest.approx(0.6)
+    assert choose_threshold(p, positive, 0.0) == pytest.approx(0.9)  # at least one positive is kept
+    assert choose_threshold(p, np.zeros(7), 0.95) == 0.5  # no positives: the default
+
+
+@settings(max_examples=100)
+@given(p=st.lists(st.floats(0, 1), min_size=2, max_size=60), seed=st.integers(0, 1000),
+       target=st.floats(0.01, 1.0))
+def test_choose_threshold_keeps_sensitivity_and_is_the_highest(p, seed, target):
+    p = np.array(p)
+    positive = np.random.default_rng(seed).random(len(p)) < 0.5
+    if not positive.any():
+        positive[0] = True
+    t = choose_threshold(p, positive, target)
+    sensitivity = (p[positive] >= t).mean()
+    assert sensitivity >= target - 1e-12
+    higher = p[positive][p[positive] > t]
+    if len(higher):  # the next higher candidate would lose sensitivity
+        assert (p[positive] >= higher.min()).mean() < target
+
+
+# --------------------------------------------------------------------------- helpers
+
+def test_stratified_head():
+    labels = np.repeat(np.arange(4), 10)
+    split = Split(np.arange(40)[:, None, None, None].astype(np.uint8), labels)
+    head = training._stratified_head(split, 8, seed=0)
+    assert np.bincount(head.labels).tolist() == [2, 2, 2, 2]
+    assert len(set(head.images[:, 0, 0, 0].tolist())) == 8  # no duplicates
+    np.testing.assert_array_equal(labels[head.images[:, 0, 0, 0]], head.labels)
+
+
+def test_config_dict_and_environment():
+    data = config_dict(TrainConfig(task="blood", widths=(1, 2)))
+    assert data["widths"] == [1, 2] and data["task"] == "blood"
+    env = environment()
+    assert {"python", "tensorflow", "keras", "cpu_count", "medclassify"} <= set(env)
+
+
+def test_unknown_model_kind(fixture_data_dir):
+    with pytest.raises(ValueError, match="unknown model kind"):
+        train(TrainConfig(task="breast", model="resnet", limit=10, data_dir=str(fixture_data_dir), verbose=0))
+
+
+def test_missing_data_is_a_data_error(tmp_path, monkeypatch):
+    from medclassify import data
+
+    monkeypatch.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(data.DataError("offline")))
+    with pytest.raises(data.DataError):
+        train(TrainConfig(task="breast", epochs=1, data_dir=str(tmp_path), verbose=0))
+
+
+def test_ensemble_training_path(fixture_data_dir, monkeypatch, tmp_path):
+    """``ensemble=2``: two members (fitting stubbed out; the smoke runs cover fitting) -> one saved model."""
+    from medclassify.inference import Predictor
+    from medclassify.ood import fit_ood
+    from medclassify.training import save_trained
+
+    fits = []
+
+    def fake_fit(model, train_split, val_split, spec, cfg, epochs, learning_rate, class_weight):
+        fits.append(model.name)
+        return {"loss": [1.0]}, 1
+
+    monkeypatch.setattr(training, "_fit", fake_fit)
+    cfg = TrainConfig(task="breast", epochs=1, limit=30, ensemble=2, widths=(4, 8), data_dir=str(fixture_data_dir),
+                      verbose=0)
+    result = train(cfg)
+    assert len(fits) == 2
+    assert result.best_epoch == [1, 1]
+    assert set(result.history) == {"member0", "member1"}
+    names = {layer.name for layer in result.model.layers}
+    assert {"m0_logits", "m1_logits", "logits", "temperature", "probabilities"} <= names
+    path = save_trained(result, tmp_path / "ensemble.h5", command="tests: ensemble")
+    assert model_temperature(load_model(path)) == pytest.approx(result.temperature, rel=1e-5)
+    settings = fit_ood("breast", path, str(fixture_data_dir))
+    assert settings["distance_threshold"] > 0
+    predictor = Predictor("breast", path)
+    probs, features = predictor.predict_arrays(np.zeros((2, 28, 28, 1), np.uint8))
+    assert probs.shape == (2, 2) and features.shape == (2, 16)  # both members' pooled features
