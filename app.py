@@ -1,0 +1,411 @@
+"""medclassify web app: classify blood-cell and breast-ultrasound images.
+
+    streamlit run app.py
+
+User interface only: the processing lives in ``medclassify`` (``appsupport``
+for uploads, tables and wording, ``explain`` for Grad-CAM, ``inference`` for
+the models).  Uploads stay in memory; nothing is written to disk.
+"""
+from __future__ import annotations
+
+import logging
+
+import altair as alt
+import streamlit as st
+
+st.set_page_config(page_title="medclassify: MedMNIST image classifier", page_icon=":material/biotech:", layout="wide")
+
+from medclassify import appsupport as aps  # noqa: E402
+from medclassify.cards import INTENDED_USE, LIMITATIONS  # noqa: E402
+from medclassify.registry import TASKS, get_task  # noqa: E402
+
+log = logging.getLogger("medclassify.app")
+
+SOURCES = ("Upload images", "Camera", "Sample gallery")
+MAX_ERRORS_SHOWN = 20
+
+
+@st.cache_resource(show_spinner="Loading the model (once)…")
+def load_predictor(task: str):
+    from medclassify.inference import get_predictor
+
+    return get_predictor(task)
+
+
+@st.cache_resource(show_spinner=False)
+def load_explainer(task: str):
+    from medclassify.explain import explainer_for
+
+    return explainer_for(load_predictor(task).model).warm_up()
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def choose_task() -> str:
+    options = list(TASKS)
+    task = st.radio(
+        "Choose the classifier",
+        options,
+        format_func=lambda name: TASKS[name].title,
+        captions=[TASKS[name].description for name in options],
+        horizontal=True,
+        key="task",
+    )
+    spec = get_task(task)
+    st.info(f"**Expected input — {spec.title}:** {spec.expected_input}", icon=":material/image:")
+    return task
+
+
+def upload_items() -> list[tuple[str, bytes]]:
+    files = st.file_uploader(
+        "Upload one or more images (png, jpg, bmp, tif, webp, gif or DICOM .dcm)",
+        type=list(aps.UPLOAD_TYPES),
+        accept_multiple_files=True,
+        key="upload",
+        help="Files are processed in memory only and are never stored.",
+    )
+    return [(f.name, f.getvalue()) for f in files or []]
+
+
+def camera_items() -> list[tuple[str, bytes]]:
+    photo = st.camera_input("Take a photo of the image", key="camera")
+    if photo is None:
+        return []
+    return [(photo.name or "camera.jpg", photo.getvalue())]
+
+
+def _pick_sample(task: str, name: str) -> None:
+    st.session_state["sample"] = (task, name)
+
+
+def sample_items(task: str) -> list[tuple[str, bytes]]:
+    samples = aps.list_samples(task)
+    if not samples:
+        st.info("No sample images are installed (run `python scripts/make_samples.py`).")
+        return []
+    st.caption("Images from the official MedMNIST **test** split (never used for training); "
+               "the true class is under each image. Click **Try** to classify one.")
+    per_row = 8
+    for start in range(0, len(samples), per_row):
+        columns = st.columns(per_row, vertical_alignment="bottom")
+        for column, sample in zip(columns, samples[start:start + per_row]):
+            with column:
+                try:
+                    st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84, caption=sample.caption)
+                except Exception:
+                    st.caption(sample.caption)
+                st.button("Try", key=f"sample_{task}_{sample.path.stem}", on_click=_pick_sample,
+                          args=(task, sample.name), width="stretch")
+    st.button(f"Classify all {len(samples)} samples", key=f"sample_{task}_all", on_click=_pick_sample,
+              args=(task, "*"))
+    chosen_task, chosen = st.session_state.get("sample") or (None, None)
+    if chosen_task != task or not chosen:
+        return []
+    picked = samples if chosen == "*" else [s for s in samples if s.name == chosen]
+    if len(picked) == 1:
+        st.caption(f"Sample **{picked[0].name}** — true class: **{picked[0].label}**")
+    return [(s.name, s.path.read_bytes()) for s in picked]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _read_sample(path: str):
+    from medclassify.preprocessing import open_image
+
+    import numpy as np
+
+    return np.asarray(open_image(path))
+
+
+# ---------------------------------------------------------------------------
+# Results
+
+
+def probability_chart(prediction, spec):
+    frame = aps.probabilities_frame(prediction)
+    base = alt.Chart(frame).encode(
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%", title="probability")),
+        y=alt.Y("class:N", sort=list(spec.class_names), title=None, axis=alt.Axis(labelLimit=220)),
+        tooltip=[alt.Tooltip("class:N"), alt.Tooltip("probability:Q", format=".3f")],
+    )
+    bars = base.mark_bar(color="#4c78a8")
+    labels = base.mark_text(align="left", dx=3).encode(text=alt.Text("probability:Q", format=".1%"))
+    return (bars + labels).properties(height=max(140, 28 * len(spec.class_names) + 40))
+
+
+def threshold_chart(prediction, spec):
+    import pandas as pd
+
+    positive = spec.class_names[spec.positive_class]
+    frame = pd.DataFrame({"what": [f"P({positive})"], "value": [float(prediction.p_positive)],
+                          "threshold": [float(prediction.threshold)]})
+    x = alt.X("value:Q", scale=alt.Scale(domain=[0, 1]),
+              axis=alt.Axis(format="%", title=None, values=[0, 0.25, 0.5, 0.75, 1]))
+    bar = alt.Chart(frame).mark_bar(color="#e45756" if prediction.class_index == spec.positive_class
+                                    else "#4c78a8", size=22).encode(x=x, y=alt.Y("what:N", title=None))
+    rule = alt.Chart(frame).mark_tick(color="black", thickness=3, size=34).encode(
+        x="threshold:Q", y=alt.Y("what:N", title=None), tooltip=[alt.Tooltip("threshold:Q", format=".3f")])
+    return (bar + rule).properties(height=60)
+
+
+def show_model_view(prediction, data: bytes | None) -> None:
+    st.image(aps.upscale(prediction.model_input, 196), width=196,
+             caption="What the model saw: the 28×28 px input, enlarged with nearest neighbour")
+    if data is not None:
+        original = aps.preview(data)
+        if original is not None:
+            with st.expander("Your image as uploaded"):
+                st.image(original)
+
+
+@st.fragment
+def show_gradcam(prediction, task: str, key: str) -> None:
+    """The overlay and its opacity slider (a fragment: moving the slider redraws only this)."""
+    opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.5, 0.05, key=f"opacity_{key}",
+                        help="0 shows only the image, 1 only the heatmap.")
+    try:
+        from medclassify.explain import overlay
+
+        heatmap = load_explainer(task)(prediction.model_input, prediction.class_index)
+        st.image(overlay(prediction.model_input, heatmap, opacity, size=196), width=196,
+                 caption=f"Grad-CAM for '{prediction.label}': warm colours influenced the model most")
+    except Exception:
+        log.exception("Grad-CAM failed")
+        st.caption("The Grad-CAM explanation is not available for this image.")
+
+
+def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, key: str) -> None:
+    """Everything about one image."""
+    if not result.ok:
+        st.error(f"**{result.name}**: {result.error}", icon=":material/error:")
+        return
+    prediction = result.prediction
+    if prediction.ood:
+        reasons = "\n".join(f"- {reason}" for reason in prediction.warnings)
+        st.warning(f"**Unlike the training data — no reliable answer** ({result.name})\n\n{aps.UNRELIABLE}\n\n"
+                   f"{reasons}\n\nThe {spec.title.lower()} classifier expects: {spec.expected_input}",
+                   icon=":material/warning:")
+        left, right = st.columns([1, 2])
+        with left:
+            show_model_view(prediction, data)
+        with right:
+            with st.expander("Model output (unreliable — for transparency only)", expanded=False):
+                st.caption("These numbers come from an image unlike anything the model was trained on; "
+                           "they do not mean what they would for a suitable image.")
+                st.altair_chart(probability_chart(prediction, spec), width="stretch")
+        return
+
+    with st.container(key=f"prediction_{key}"):
+        st.markdown(aps.prediction_markdown(prediction))
+    if spec.decision == "threshold":
+        positive, sentence = aps.breast_verdict(prediction)
+        p = prediction.p_positive
+        if positive:
+            st.warning(f"{sentence} (P(malignant) = {p:.1%}, at or above the model's threshold of "
+                       f"{prediction.threshold:.1%})", icon=":material/clinical_notes:")
+        else:
+            st.info(f"{sentence} (P(malignant) = {p:.1%}, below the model's threshold of "
+                    f"{prediction.threshold:.1%})", icon=":material/info:")
+        st.altair_chart(threshold_chart(prediction, spec), width="stretch")
+        st.caption(aps.BREAST_NOTE)
+    else:
+        st.caption(f"Calibrated probability of '{prediction.label}': {aps.confidence(prediction):.1%}. "
+                   "A model's suggestion for research and education, not a diagnosis.")
+    col_input, col_cam, col_probs = st.columns([1, 1, 1.4])
+    with col_input:
+        show_model_view(prediction, data)
+    with col_cam:
+        show_gradcam(prediction, task, key)
+    with col_probs:
+        st.markdown("**Calibrated probabilities**")
+        st.altair_chart(probability_chart(prediction, spec), width="stretch")
+
+
+def classify(task: str, predictor, items: list[tuple[str, bytes]]) -> list["aps.ImageResult"]:
+    """Results of the current inputs, reused while they do not change (e.g. moving a slider)."""
+    key = aps.inputs_key(task, items)
+    cached = st.session_state.get("results")
+    if cached and cached[0] == key:
+        if len(items) > 1:
+            st.progress(1.0, text=f"Classified {len(items)} of {len(items)} images")
+        return cached[1]
+    if len(items) == 1:
+        results = [aps.process_image(predictor, *items[0])]
+    else:
+        bar = st.progress(0.0, text=f"Classifying {len(items)} images…")
+
+        def progress(done: int, total: int) -> None:
+            bar.progress(done / total, text=f"Classified {done} of {total} images")
+
+        results = aps.process_batch(predictor, items, batch_size=32, on_progress=progress)
+    st.session_state["results"] = (key, results)
+    return results
+
+
+def show_batch(results, spec, task: str, items) -> None:
+    counts = aps.summary(results)
+    st.markdown(f"**{counts['total']} images:** {counts['classified']} classified, "
+                f"{counts['unreliable']} unlike the training data (no reliable answer), "
+                f"{counts['failed']} could not be read.")
+    failed = [r for r in results if not r.ok]
+    for result in failed[:MAX_ERRORS_SHOWN]:
+        st.error(f"**{result.name}**: {result.error}", icon=":material/error:")
+    if len(failed) > MAX_ERRORS_SHOWN:
+        st.caption(f"…and {len(failed) - MAX_ERRORS_SHOWN} more files that could not be read (see the table).")
+    table = aps.results_table(results, spec)
+    st.dataframe(table, hide_index=True, width="stretch", column_config={
+        "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),
+        **({"p_malignant": st.column_config.NumberColumn("P(malignant)", format="%.3f"),
+            "threshold": st.column_config.NumberColumn("threshold", format="%.3f")}
+           if spec.decision == "threshold" else {}),
+        "ood": st.column_config.CheckboxColumn("unlike training data"),
+    })
+    st.download_button("Download results (CSV)", aps.results_csv(table), file_name=aps.csv_name(task),
+                       mime="text/csv", on_click="ignore", key="download_csv")
+    readable = [i for i, r in enumerate(results) if r.ok]
+    if not readable:
+        return
+    st.divider()
+    index = st.selectbox("Inspect one image", readable, format_func=lambda i: results[i].name, key="inspect")
+    if index is None:
+        return
+    show_result(results[index], spec, task, items[index][1], key=f"batch_{index}")
+
+
+def classify_tab(task: str, predictor) -> None:
+    spec = get_task(task)
+    source = st.radio("Input", SOURCES, horizontal=True, key="source", label_visibility="collapsed")
+    if source == SOURCES[0]:
+        items = upload_items()
+    elif source == SOURCES[1]:
+        items = camera_items()
+    else:
+        items = sample_items(task)
+    if not items:
+        if source == SOURCES[0]:
+            st.caption("Upload an image to classify it, or try the sample gallery.")
+        return
+    results = classify(task, predictor, items)
+    if len(results) == 1:
+        show_result(results[0], spec, task, items[0][1], key="single")
+    else:
+        show_batch(results, spec, task, items)
+
+
+# ---------------------------------------------------------------------------
+# About the model
+
+
+def _table_height(rows: int) -> int:
+    """Tall enough to show every row without an inner scrollbar."""
+    return 35 * (rows + 1) + 3
+
+
+def about_tab(task: str, predictor) -> None:
+    spec = get_task(task)
+    card = predictor.card or {}
+    st.subheader(f"About the model: {spec.title}")
+    st.warning(aps.DISCLAIMER, icon=":material/warning:")
+    st.markdown(f"{card.get('description') or spec.description}\n\n**Expected input.** {spec.expected_input}")
+    st.markdown(f"**Intended use.** {card.get('intended_use') or INTENDED_USE}")
+    st.markdown(f"**Decision rule.** {aps.decision_text(card, spec, predictor.threshold)}")
+
+    st.markdown("#### Performance")
+    split, metrics = aps.card_metrics(card)
+    if metrics is None:
+        st.info("This model card has no evaluation metrics yet.")
+    else:
+        n = metrics.get("n")
+        if split == "test":
+            has_ci = bool(metrics.get("ci95"))
+            st.caption(f"Official MedMNIST test split{f' ({n} images)' if n else ''}"
+                       + (", 95% bootstrap confidence intervals." if has_ci else "."))
+        else:
+            st.info(f"Test-set results are not in this model card yet. Shown: the validation split"
+                    f"{f' ({n} images)' if n else ''}, which was used to select the model, its calibration and "
+                    "threshold — so these numbers are optimistic.")
+        table = aps.metrics_frame(metrics)
+        if not table["95% CI"].astype(bool).any():
+            table = table.drop(columns="95% CI")
+        st.dataframe(table, hide_index=True, width="stretch", height=_table_height(len(table)))
+        confusion = aps.confusion_frame(metrics, spec.class_names)
+        if confusion is not None:
+            st.markdown(f"**Confusion matrix ({split})** — rows: true class, columns: predicted class")
+            st.dataframe(confusion, width="stretch", height=_table_height(len(confusion)))
+        per_class = aps.per_class_frame(metrics)
+        if per_class is not None:
+            with st.expander("Per-class precision, recall and F1"):
+                st.dataframe(per_class, hide_index=True, width="stretch", height=_table_height(len(per_class)))
+
+    calibration = card.get("calibration") or {}
+    if calibration.get("temperature") is not None:
+        st.markdown(f"**Calibration.** {calibration.get('method', 'temperature scaling')}; "
+                    f"T = {float(calibration['temperature']):.3f}.")
+    ood = card.get("ood") or {}
+    st.markdown("**Unlike the training data.** " + (ood.get("method") or "modality and blank-image rules")
+                + (f"; threshold: {ood['threshold_rule']}." if ood.get("threshold_rule") else "."))
+
+    st.markdown("#### Limitations")
+    st.markdown("\n".join(f"- {item}" for item in card.get("limitations") or LIMITATIONS.get(spec.name, [])))
+
+    st.markdown("#### Data and licences")
+    data = card.get("data") or {}
+    st.markdown(
+        f"- **Dataset:** {data.get('dataset', spec.flag)} — {data.get('source', spec.source)}\n"
+        f"- **Licence:** {data.get('licence', spec.licence)}\n"
+        f"- **Citation:** {data.get('citation', spec.citation)}\n"
+        + (f"- **Splits:** {data['splits']}\n" if data.get("splits") else "")
+    )
+
+    st.markdown("#### Training")
+    command = aps.training_command(card)
+    if command:
+        st.code(command, language="bash")
+    training = card.get("training") or {}
+    facts = []
+    if training.get("best_epoch") is not None:
+        facts.append(f"best epoch {training['best_epoch']}")
+    if training.get("seed") is not None:
+        facts.append(f"seed {training['seed']}")
+    if training.get("wall_time_s") is not None:
+        facts.append(f"{training['wall_time_s']} s")
+    env = training.get("environment") or {}
+    if env:
+        facts.append(", ".join(f"{k} {v}" for k, v in env.items()))
+    if facts:
+        st.caption("; ".join(facts))
+    st.caption(f"Model file: {predictor.model_path.name}" + (f" (card created {card['created']})"
+                                                            if card.get("created") else ""))
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    st.title(":material/biotech: MedMNIST image classifier")
+    st.caption(aps.DISCLAIMER)
+    task = choose_task()
+    try:
+        predictor = load_predictor(task)
+        load_explainer(task)
+    except Exception:
+        log.exception("model load failed")
+        st.error(f"The {get_task(task).title} model could not be loaded. Please try again later.")
+        return
+    classify_panel, about_panel = st.tabs(["Classify", "About the model"])
+    with classify_panel:
+        try:
+            classify_tab(task, predictor)
+        except Exception:
+            log.exception("classification failed")
+            st.error("Something went wrong while classifying. Please try another image.")
+    with about_panel:
+        try:
+            about_tab(task, predictor)
+        except Exception:
+            log.exception("model card failed")
+            st.error("The model card could not be shown.")
+
+
+main()

@@ -1,0 +1,372 @@
+"""Everything the web app needs that is not user interface.
+
+``app.py`` only lays out widgets; the processing of uploads, the results table,
+the wording of results, the sample gallery and the model-card tables live here
+so they can be tested without a browser.  Uploads are handled as ``bytes`` in
+memory only: nothing here writes a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .preprocessing import ImageError
+from .registry import REPO_ROOT, TaskSpec, get_task
+
+SAMPLE_DIR = REPO_ROOT / "sample_images"
+
+#: File types the uploader accepts (``preprocessing`` decodes all of them).
+UPLOAD_TYPES = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm")
+
+DISCLAIMER = (
+    "Research and education software: not a medical device. It must not be used for diagnosis, "
+    "triage or any clinical decision."
+)
+
+UNRELIABLE = "This image is unlike the training data, so the app cannot give a reliable answer for it."
+NO_ANSWER = "no reliable answer"
+
+#: Wording of the breast result: suggestions, never absolute statements.
+BREAST_POSITIVE = "Findings suggest malignancy — refer to a specialist."
+BREAST_NEGATIVE = "No malignant pattern detected by this model."
+BREAST_NOTE = (
+    "P(malignant) is compared with the model's threshold, which was chosen on the validation split to miss "
+    "few malignant images, so many benign images are flagged too. This is not a diagnosis: only a qualified "
+    "clinician with the full examination can assess a lesion."
+)
+
+
+# ---------------------------------------------------------------------------
+# Processing uploads
+
+
+@dataclass
+class ImageResult:
+    """One input image: a prediction, or a one-line error."""
+
+    name: str
+    prediction: Optional[object] = None  # medclassify.inference.Prediction
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None
+
+    @property
+    def reliable(self) -> bool:
+        return self.ok and not self.prediction.ood
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for the page; never a traceback."""
+    if isinstance(exc, ImageError):
+        text = str(exc).strip().splitlines()
+        return text[0] if text else "the image could not be read"
+    return f"could not process this image ({type(exc).__name__})"
+
+
+def process_image(predictor, name: str, data: bytes) -> ImageResult:
+    """Classify one uploaded file from its bytes; any failure becomes ``ImageResult.error``."""
+    try:
+        return ImageResult(name, prediction=predictor.predict(bytes(data)))
+    except Exception as exc:  # one bad file must never stop the page
+        return ImageResult(name, error=error_message(exc))
+
+
+def process_batch(predictor, items: Sequence[tuple[str, bytes]], batch_size: int = 64,
+                  on_progress: Optional[Callable[[int, int], None]] = None) -> list[ImageResult]:
+    """Classify many ``(name, bytes)`` with ``Predictor.predict_many``; results in input order.
+
+    ``on_progress(done, total)`` is called as results arrive.  A file that fails
+    gets its one-line error and the others go on.
+    """
+    total = len(items)
+    results: list[ImageResult] = []
+
+    def report():
+        if on_progress is not None:
+            on_progress(len(results), total)
+
+    try:
+        stream = predictor.predict_many((bytes(data) for _, data in items), batch_size=batch_size)
+        for (name, _), (_, outcome) in zip(items, stream):
+            if isinstance(outcome, str):
+                results.append(ImageResult(name, error=outcome))
+            else:
+                results.append(ImageResult(name, prediction=outcome))
+            report()
+    except Exception:
+        # Something failed beyond one file's decoding (e.g. inside a model call):
+        # finish the rest one by one so every file still gets its own answer or error.
+        pass
+    for name, data in items[len(results):]:
+        results.append(process_image(predictor, name, data))
+        report()
+    return results
+
+
+def inputs_key(task: str, items: Sequence[tuple[str, bytes]]) -> str:
+    """A short digest of the task and the inputs: the app reuses results while it is unchanged."""
+    digest = hashlib.sha256(task.encode())
+    for name, data in items:
+        digest.update(name.encode("utf-8", "replace") + b"\0")
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------
+# Wording and tables of results
+
+
+def confidence(prediction) -> float:
+    return float(prediction.probabilities[prediction.label])
+
+
+def breast_verdict(prediction) -> tuple[bool, str]:
+    """(positive?, careful sentence) for a breast prediction."""
+    spec = get_task(prediction.task)
+    positive = prediction.class_index == spec.positive_class
+    return positive, BREAST_POSITIVE if positive else BREAST_NEGATIVE
+
+
+def prediction_markdown(prediction) -> str:
+    """The stable line that carries the label: ``**Prediction:** <label>``."""
+    return f"**Prediction:** {prediction.label}"
+
+
+def probabilities_frame(prediction):
+    import pandas as pd
+
+    return pd.DataFrame({"class": list(prediction.probabilities),
+                         "probability": [float(p) for p in prediction.probabilities.values()]})
+
+
+def results_table(results: Iterable[ImageResult], spec: TaskSpec | str):
+    """One row per file: file, label, confidence, [P(malignant), threshold,] ood, warnings, error."""
+    import pandas as pd
+
+    spec = get_task(spec) if isinstance(spec, str) else spec
+    threshold_task = spec.decision == "threshold"
+    rows = []
+    for result in results:
+        row = {"file": result.name, "label": "", "confidence": None}
+        if threshold_task:
+            row["p_malignant"] = None
+            row["threshold"] = None
+        row.update(ood=None, warnings="", error="")
+        prediction = result.prediction
+        if prediction is None:
+            row["error"] = result.error or "could not process this image"
+        elif prediction.ood:
+            row["label"] = NO_ANSWER
+            row["ood"] = True
+            row["warnings"] = "; ".join(prediction.warnings)
+        else:
+            row["label"] = prediction.label
+            row["confidence"] = round(confidence(prediction), 4)
+            row["ood"] = False
+            if threshold_task:
+                row["p_malignant"] = round(float(prediction.p_positive), 4)
+                row["threshold"] = round(float(prediction.threshold), 4)
+        rows.append(row)
+    columns = ["file", "label", "confidence"] + (["p_malignant", "threshold"] if threshold_task else []) + [
+        "ood", "warnings", "error"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["confidence"] = frame["confidence"].astype("Float64")
+    if threshold_task:
+        frame["p_malignant"] = frame["p_malignant"].astype("Float64")
+        frame["threshold"] = frame["threshold"].astype("Float64")
+    frame["ood"] = frame["ood"].astype("boolean")
+    return frame
+
+
+def results_csv(frame) -> bytes:
+    return frame.to_csv(index=False).encode("utf-8")
+
+
+def summary(results: Sequence[ImageResult]) -> dict:
+    return {
+        "total": len(results),
+        "classified": sum(r.reliable for r in results),
+        "unreliable": sum(r.ok and r.prediction.ood for r in results),
+        "failed": sum(not r.ok for r in results),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Images for display
+
+
+def upscale(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """Enlarge a small uint8 image with nearest neighbour (every model pixel stays a sharp square)."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return np.asarray(Image.fromarray(array.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST))
+
+
+def preview(data: bytes, max_side: int = 256) -> Optional[np.ndarray]:
+    """A small RGB view of the uploaded image as decoded (works for tif and DICOM too); None if impossible."""
+    from .preprocessing import open_image, to_mode
+
+    try:
+        image = to_mode(open_image(bytes(data)), 3)
+        image.thumbnail((max_side, max_side))
+        return np.asarray(image)
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Sample gallery
+
+
+def slug(class_name: str) -> str:
+    """File-name form of a class name: ``normal/benign`` -> ``normal-benign``."""
+    return class_name.replace("/", "-").replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    task: str
+    label: str  # the true class, from the file name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def caption(self) -> str:
+        return f"{self.label} #{self.path.stem.rsplit('_', 1)[-1].lstrip('0') or '0'}"
+
+
+def list_samples(task: str, root: Path | str = SAMPLE_DIR) -> list[Sample]:
+    """The gallery of ``task``: ``<root>/<task>/<class slug>_<nn>.png``, in class order."""
+    spec = get_task(task)
+    folder = Path(root) / spec.name
+    if not folder.is_dir():
+        return []
+    by_slug = {slug(name): name for name in spec.class_names}
+    samples = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() != ".png":
+            continue
+        stem, _, number = path.stem.rpartition("_")
+        if stem in by_slug and number.isdigit():
+            samples.append(Sample(path, spec.name, by_slug[stem]))
+    order = {name: i for i, name in enumerate(spec.class_names)}
+    return sorted(samples, key=lambda s: (order[s.label], s.path.name))
+
+
+# ---------------------------------------------------------------------------
+# Model card
+
+
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "auc": "AUC",
+    "sensitivity": "Sensitivity (malignant)",
+    "specificity": "Specificity",
+    "f1_macro": "F1 (macro)",
+    "precision_macro": "Precision (macro)",
+    "recall_macro": "Recall (macro)",
+    "f1_weighted": "F1 (weighted)",
+    "accuracy_at_0_5": "Accuracy at P>0.5 (MedMNIST operating point)",
+    "ece": "Expected calibration error",
+}
+
+
+def card_metrics(card: dict) -> tuple[Optional[str], Optional[dict]]:
+    """The split whose metrics the card reports: ``("test", m)``, else ``("validation", m)``, else (None, None)."""
+    for split in ("test", "validation"):
+        metrics = (card or {}).get(split)
+        if isinstance(metrics, dict) and metrics:
+            return split, metrics
+    return None, None
+
+
+def _number(value) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def metrics_frame(metrics: dict):
+    """Metric, value and 95% bootstrap CI (when the card has one) as a table."""
+    import pandas as pd
+
+    cis = metrics.get("ci95") or {}
+    rows = []
+    for key, title in METRIC_NAMES.items():
+        value = _number(metrics.get(key))
+        if value is None:
+            continue
+        ci = cis.get(key)
+        ci_text = ""
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+            ci_text = f"{float(ci[0]):.3f} – {float(ci[1]):.3f}"
+        rows.append({"metric": title, "value": round(value, 4), "95% CI": ci_text})
+    return pd.DataFrame(rows, columns=["metric", "value", "95% CI"])
+
+
+def confusion_frame(metrics: dict, class_names: Sequence[str]):
+    """Rows = true class, columns = predicted class; None if the card has no matrix."""
+    import pandas as pd
+
+    matrix = metrics.get("confusion_matrix")
+    if not matrix:
+        return None
+    matrix = np.asarray(matrix, dtype=int)
+    if matrix.shape != (len(class_names), len(class_names)):
+        return None
+    return pd.DataFrame(matrix, index=[f"true: {c}" for c in class_names],
+                        columns=[f"pred: {c}" for c in class_names])
+
+
+def per_class_frame(metrics: dict):
+    import pandas as pd
+
+    per_class = metrics.get("per_class") or {}
+    if not per_class:
+        return None
+    rows = [{"class": name, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}}
+            for name, values in per_class.items()]
+    return pd.DataFrame(rows)
+
+
+def training_command(card: dict) -> Optional[str]:
+    return ((card or {}).get("training") or {}).get("command")
+
+
+def decision_text(card: dict, spec: TaskSpec, threshold: Optional[float]) -> str:
+    if spec.decision == "threshold":
+        positive = spec.class_names[spec.positive_class]
+        rule = ((card or {}).get("decision") or {}).get("threshold_rule")
+        text = f"'{positive}' when P({positive}) ≥ {threshold:.3f}" if threshold is not None else \
+            f"'{positive}' when P({positive}) is above the threshold"
+        return text + (f" ({rule})." if rule else ".")
+    return "The class with the highest calibrated probability."
+
+
+def csv_name(task: str) -> str:
+    return f"medclassify_{task}_results.csv"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
