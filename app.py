@@ -27,8 +27,10 @@ MAX_ERRORS_SHOWN = 20
 
 @st.cache_resource(show_spinner="Loading the model (once)…")
 def load_predictor(task: str):
-    from medclassify.inference import get_predictor
+    from medclassify.inference import configure_threads, get_predictor
 
+    # One intra-op thread halves single-image latency on a small server (benchmarks/RESULTS.md).
+    configure_threads(1)
     return get_predictor(task)
 
 

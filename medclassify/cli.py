@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--widths", default="32,64,128", help="CNN channels per stage")
     t.add_argument("--dropout", type=float, default=0.3)
     t.add_argument("--no-augment", action="store_true", help="train without augmentation layers")
+    t.add_argument("--augmentation", choices=("default", "flips"), default="default", help="augmentation policy")
     t.add_argument("--class-weight", action="store_true", help="balanced class weights")
     t.add_argument("--smote", action="store_true", help="SMOTE-oversample the training split")
     t.add_argument("--seed", type=int, default=0)
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     task_arg(x)
     x.add_argument("--model", help="model file (default: the shipped model)")
     x.add_argument("--format", choices=("savedmodel",), default="savedmodel")
-    x.add_argument("--out", required=True, help="output folder (TF Serving expects <name>/<version>/)")
+    x.add_argument("--out", required=True,
+                   help="model base folder; written to OUT/<next version>/ (an OUT ending in a number is the version)")
 
     o = sub.add_parser("fit-ood", help="fit the out-of-distribution rule (train statistics, validation threshold)")
     task_arg(o)
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("report", help="write results/comparison.md from the variant cards")
 
+    c = sub.add_parser("ood-check", help="flag rates of the OOD rule on test, cross-task images and photos")
+    task_arg(c)
+    data_arg(c)
+    c.add_argument("--model", help="model file (default: the shipped model)")
+    c.add_argument("--write-card", action="store_true", help="store the rates in the model card")
+
     s = sub.add_parser("ship", help="copy a trained variant to the shipped model files (model_<task>.h5 + card + OOD)")
     task_arg(s)
     s.add_argument("--variant", help="default: the registry's shipped variant")
@@ -113,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
                "fit-ood": _fit_ood, "experiment": _experiment, "report": _report,
-               "ship": _ship}[args.command]
+               "ship": _ship, "ood-check": _ood_check}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -136,7 +144,7 @@ def _train(args) -> int:
         return 2
     cfg = TrainConfig(
         task=args.task, model=args.model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, augment=not args.no_augment,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, augment=not args.no_augment, augmentation=args.augmentation,
         class_weight=args.class_weight, smote=args.smote, widths=widths, dropout=args.dropout, seed=args.seed,
         limit=args.limit, data_dir=args.data_dir, vgg16_weights=args.vgg16_weights,
         vgg16_input_size=args.vgg16_input_size, finetune_epochs=args.finetune_epochs,
@@ -213,7 +221,11 @@ def _predict(args) -> int:
 def _export(args) -> int:
     from .inference import export_savedmodel
 
-    out = export_savedmodel(args.task, args.out, args.model)
+    try:
+        out = export_savedmodel(args.task, args.out, args.model)
+    except (FileExistsError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"SavedModel written to {out}")
     return 0
 
@@ -258,4 +270,17 @@ def _ship(args) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _ood_check(args) -> int:
+    from .cards import set_section
+    from .oodcheck import ood_report
+    from .registry import get_task
+
+    report = ood_report(args.task, args.model, args.data_dir)
+    if args.write_card:
+        set_section(args.model or get_task(args.task).model_path, "ood_check",
+                    {**report, "command": _command_line(args)})
+    print(json.dumps(report))
     return 0

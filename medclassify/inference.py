@@ -1,9 +1,20 @@
 """The serving path: load once, warm up, predict through one compiled call.
 
-``model.predict`` builds a data pipeline on every call (~40 ms); a
-``tf.function`` with a fixed input signature runs the same graph in well under
-a millisecond for one 28-px image.  The app, the CLI and the benchmarks all use
-``Predictor``.
+``model.predict`` builds a data pipeline on every call (tens of milliseconds);
+the serving path instead calls one traced TensorFlow graph (a concrete function
+with a fixed input signature) that
+
+* takes the uint8 pixels as they come from ``prepare`` (the cast to float32 is
+  inside the graph: no NumPy conversion pass, a quarter of the bytes copied),
+* never runs augmentation layers: models saved by training have none
+  (``models.inference_model``), and ``serving_model`` starts any older model's
+  graph after them (same layer objects and weights; the augmentations are the
+  identity at inference, so the outputs are bit-identical),
+* returns the calibrated probabilities and the pooled features (for the
+  out-of-distribution check) from the same call.
+
+The app (``get_predictor``), the CLI (``run_predict_cli``), ``fit_ood`` and the
+benchmarks (``benchmarks/benchmark.py``) all go through ``Predictor``.
 """
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import json
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -22,7 +34,13 @@ from .cards import read_card
 from .preprocessing import ImageError, ImageLike, Prepared, prepare
 from .registry import TaskSpec, get_task
 
+#: Environment variables read by ``configure_threads`` when a process builds its first ``Predictor``.
+THREADS_ENV = "MEDCLASSIFY_TF_INTRA_OP_THREADS"
+SINGLE_XLA_ENV = "MEDCLASSIFY_SINGLE_IMAGE_XLA"
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"}
+FEATURE_LAYER = "pool"
+DEFAULT_BATCH_SIZE = 256
 
 
 @dataclass
@@ -51,15 +69,136 @@ class Prediction:
         return out
 
 
+def _is_augmentation(layer) -> bool:
+    """Augmentation layers are named ``aug_*`` (``m<i>_aug_*`` inside an ensemble)."""
+    name = layer.name
+    return name.startswith("aug_") or ("_aug_" in name and name.split("_aug_")[0].lstrip("m").isdigit())
+
+
+def feature_output(model, features: str = FEATURE_LAYER):
+    """The pooled-feature tensor the OOD rule uses (``models.feature_tensor`` knows ensembles)."""
+    from . import models
+
+    finder = getattr(models, "feature_tensor", None)
+    if finder is not None and features == FEATURE_LAYER:
+        return finder(model)
+    return model.get_layer(features).output
+
+
+def serving_model(model, features: Optional[str] = FEATURE_LAYER):
+    """The inference graph of ``model`` without its augmentation layers.
+
+    Returns ``(serving, n_inputs)``: a Keras model that shares every layer (and
+    so every weight) with ``model`` and maps the image to ``[probabilities,
+    features]`` (or to the probabilities alone when ``features`` is None), and
+    how many times the image must be passed to it.  The augmentation layers (a
+    chain right after the input, one chain per member of an ensemble) are the
+    identity at inference, so the outputs equal ``model(x, training=False)``;
+    the serving graph starts after them and does not carry their ops.  A model
+    whose graph looks different is used whole (still correct, a little slower).
+    """
+    import keras
+
+    outputs = [model.output] if features is None else [model.output, feature_output(model, features)]
+    augment = [layer for layer in model.layers if _is_augmentation(layer)]
+    if augment and len(model.inputs) == 1:
+        try:
+            produced = {id(layer.output): layer for layer in augment}
+            source = model.inputs[0]
+            # every augmentation layer reads the image or the previous augmentation of a chain
+            if all(layer.input is source or id(layer.input) in produced for layer in augment):
+                consumed = {id(layer.input) for layer in augment}
+                ends = [layer.output for layer in augment if id(layer.output) not in consumed]
+                serving = keras.Model(ends if len(ends) > 1 else ends[0], outputs, name=f"{model.name}_serving")
+                return serving, len(ends)
+        except Exception:  # an unexpected graph: fall back to the full model (still correct)
+            pass
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_serving"), 1
+
+
+def compile_serving_function(model, input_shape: tuple[int, ...], dtype: str = "uint8",
+                             jit_compile: bool = False, n_inputs: int = 1, batch: Optional[int] = None):
+    """A concrete function ``images (N, *input_shape) -> outputs of model`` traced once.
+
+    ``dtype`` is the input dtype (``uint8`` pixels are cast to float32 inside
+    the graph); ``n_inputs`` is how many inputs ``model`` takes (all get the
+    image: see ``serving_model``); ``batch`` fixes N (XLA compiles once per
+    shape).  Calling the concrete function skips ``tf.function``'s per-call
+    signature matching.
+    """
+    import tensorflow as tf
+
+    tf_dtype = tf.as_dtype(dtype)
+
+    @tf.function(input_signature=[tf.TensorSpec([batch, *input_shape], tf_dtype, name="image")],
+                 jit_compile=jit_compile, reduce_retracing=True)
+    def serve(image):
+        x = tf.cast(image, tf.float32)
+        return model(x if n_inputs == 1 else [x] * n_inputs, training=False)
+
+    return serve.get_concrete_function()
+
+
+def configure_threads(intra_op: Optional[int] = None, inter_op: Optional[int] = None) -> bool:
+    """Set TensorFlow's thread pools; only possible before TensorFlow runs its first operation.
+
+    With ``intra_op=None`` the value comes from ``$MEDCLASSIFY_TF_INTRA_OP_THREADS``
+    (nothing is changed when that is unset).  One intra-op thread is the
+    better choice for a server answering single images (the app): measured on
+    two contended cores it halves the single-image latency and costs no
+    batch throughput (``benchmarks/RESULTS.md``).  Returns True when the
+    setting was applied, False when there was nothing to set or it was too
+    late (the process keeps TensorFlow's defaults then).
+    """
+    if intra_op is None:
+        value = os.environ.get(THREADS_ENV, "").strip()
+        if not value:
+            return False
+        try:
+            intra_op = int(value)
+        except ValueError:
+            print(f"warning: ignoring {THREADS_ENV}={value!r} (not an integer)", file=sys.stderr)
+            return False
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op if inter_op is not None
+                                                             else (1 if intra_op == 1 else 0))
+    except RuntimeError:  # TensorFlow is already running: keep its settings
+        return False
+    return True
+
+
+_THREADS_CONFIGURED = False
+
+
+def _configure_threads_once() -> None:
+    global _THREADS_CONFIGURED
+    if not _THREADS_CONFIGURED:
+        _THREADS_CONFIGURED = True
+        configure_threads()
+
+
 class Predictor:
-    """One loaded model of one task, ready to classify images quickly."""
+    """One loaded model of one task, ready to classify images quickly.
 
-    def __init__(self, task: str | TaskSpec, model_path: Optional[str | os.PathLike] = None, warm: bool = True):
-        import tensorflow as tf
+    Thread-safe: the compiled functions and the OOD detector hold no per-call
+    state, so one instance serves every session of the app.
 
+    ``single_image_xla`` (default: ``$MEDCLASSIFY_SINGLE_IMAGE_XLA`` = 1) adds
+    an XLA-compiled function for exactly one image, used by ``predict`` and
+    ``predict_arrays`` on batches of one; it costs about a second of warm-up
+    and pays off for wider models (measured: 64/128/256 CNN ~4.0 vs ~4.9 ms;
+    no clear gain for the 32/64/128 CNN).
+    """
+
+    def __init__(self, task: str | TaskSpec, model_path: Optional[str | os.PathLike] = None, warm: bool = True,
+                 single_image_xla: Optional[bool] = None):
         from .models import load_model
         from .ood import OODDetector
 
+        _configure_threads_once()
         self.spec = get_task(task) if isinstance(task, str) else task
         self.model_path = Path(model_path) if model_path else self.spec.model_path
         if not self.model_path.exists():
@@ -70,28 +209,46 @@ class Predictor:
         self.threshold = decision.get("threshold")
         if self.threshold is None and self.spec.decision == "threshold":
             self.threshold = self.spec.default_threshold
-        import keras
-
-        features = self.model.get_layer("pool").output
-        self._serving_model = keras.Model(self.model.inputs, [self.model.output, features])
-        signature = [tf.TensorSpec([None, *self.spec.input_shape], tf.float32)]
-        self._serve = tf.function(lambda x: self._serving_model(x, training=False), input_signature=signature)
+        self._serving_model, self._serving_inputs = serving_model(self.model)
+        self._serve_uint8 = self.compile("uint8")
+        self._serve_float = None  # traced on first use: only for callers that pass float pixels
+        if single_image_xla is None:
+            single_image_xla = os.environ.get(SINGLE_XLA_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self._serve_single = self.compile("uint8", jit_compile=True, batch=1) if single_image_xla else None
+        self._float_lock = threading.Lock()
         self.ood = OODDetector.for_model(self.spec, self.model_path, self.card)
-        self._lock = threading.Lock()
         if warm:
             self.warm_up()
 
-    def warm_up(self) -> None:
-        """Trace the graph once so the first user does not pay for it."""
-        self.predict_arrays(np.zeros((1, *self.spec.input_shape), dtype=np.uint8))
+    def compile(self, dtype: str = "uint8", jit_compile: bool = False, batch: Optional[int] = None):
+        """A fresh concrete function over this predictor's serving graph (the benchmarks compare variants)."""
+        return compile_serving_function(self._serving_model, self.spec.input_shape, dtype, jit_compile,
+                                        self._serving_inputs, batch)
+
+    def warm_up(self, batch_sizes: Iterable[int] = (1,)) -> "Predictor":
+        """Run the graph once per batch size so the first user does not pay for graph or kernel set-up."""
+        for n in batch_sizes:
+            for _ in range(2):
+                self.predict_arrays(np.zeros((n, *self.spec.input_shape), dtype=np.uint8))
+        return self
 
     def predict_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 batch (N, H, W, C) -> (probabilities (N, K), features (N, D))."""
+        """Pixel batch (N, H, W, C), uint8 0..255 (or float 0..255) -> (probabilities (N, K), features (N, D))."""
         images = np.asarray(images)
-        if images.ndim == 3:
+        if images.ndim == len(self.spec.input_shape):
             images = images[None]
-        probs, feats = self._serve(images.astype(np.float32, copy=False))
+        if images.dtype == np.uint8:
+            single = self._serve_single is not None and images.shape[0] == 1
+            probs, feats = (self._serve_single if single else self._serve_uint8)(images)
+        else:
+            probs, feats = self._float_function()(images.astype(np.float32, copy=False))
         return probs.numpy(), feats.numpy()
+
+    def _float_function(self):
+        with self._float_lock:
+            if self._serve_float is None:
+                self._serve_float = self.compile("float32")
+            return self._serve_float
 
     def _decide(self, probs: np.ndarray) -> int:
         if self.spec.decision == "threshold":
@@ -121,32 +278,70 @@ class Predictor:
         probs, feats = self.predict_arrays(prepared.array[None])
         return self._result(prepared, probs[0], feats[0])
 
-    def predict_many(self, sources: Iterable, batch_size: int = 256) -> Iterator[tuple[object, Prediction | str]]:
-        """Stream ``(source, Prediction or one-line error)`` in input order, batching model calls."""
-        pending: list[tuple[object, Prepared | str]] = []
-
-        def flush():
-            good = [(i, p) for i, (_, p) in enumerate(pending) if isinstance(p, Prepared)]
-            results: dict[int, Prediction] = {}
-            if good:
-                probs, feats = self.predict_arrays(np.stack([p.array for _, p in good]))
-                for (i, p), pr, ft in zip(good, probs, feats):
-                    results[i] = self._result(p, pr, ft)
-            for i, (src, p) in enumerate(pending):
-                yield src, results.get(i, p)
-            pending.clear()
-
-        for source in sources:
+    def _prepare_batch(self, chunk: list) -> list[tuple[object, Prepared | str]]:
+        out = []
+        for source in chunk:
             try:
-                pending.append((source, prepare(source, self.spec)))
+                out.append((source, prepare(source, self.spec)))
             except ImageError as exc:
-                pending.append((source, str(exc)))
+                out.append((source, str(exc)))
             except Exception as exc:  # never let one odd file stop a batch
-                pending.append((source, f"could not read image ({type(exc).__name__})"))
-            if len(pending) >= batch_size:
-                yield from flush()
-        if pending:
-            yield from flush()
+                out.append((source, f"could not read image ({type(exc).__name__})"))
+        return out
+
+    def _predict_prepared(self, batch: list[tuple[object, Prepared | str]]) -> Iterator[tuple[object, Prediction | str]]:
+        good = [i for i, (_, p) in enumerate(batch) if isinstance(p, Prepared)]
+        results: dict[int, Prediction] = {}
+        if good:
+            probs, feats = self.predict_arrays(np.stack([batch[i][1].array for i in good]))
+            for row, i in enumerate(good):
+                results[i] = self._result(batch[i][1], probs[row], feats[row])
+        for i, (source, prepared) in enumerate(batch):
+            yield source, results.get(i, prepared)
+
+    def predict_many(self, sources: Iterable, batch_size: int = DEFAULT_BATCH_SIZE,
+                     prefetch: bool = True) -> Iterator[tuple[object, Prediction | str]]:
+        """Stream ``(source, Prediction or one-line error)`` in input order, batching model calls.
+
+        ``sources`` may be any iterable (a generator of paths is read lazily).
+        With ``prefetch`` one background thread reads and prepares the next
+        batch while the model runs on the current one; at most two batches of
+        prepared images are held at any time, so memory stays flat however many
+        files there are.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        iterator = iter(sources)
+
+        def next_chunk() -> list:
+            chunk = []
+            for source in iterator:
+                chunk.append(source)
+                if len(chunk) >= batch_size:
+                    break
+            return chunk
+
+        def read_batch():
+            return self._prepare_batch(next_chunk())
+
+        if not prefetch:
+            while True:
+                batch = read_batch()
+                if not batch:
+                    return
+                yield from self._predict_prepared(batch)
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medclassify-prepare")
+        try:
+            pending = executor.submit(read_batch)
+            while True:
+                batch = pending.result()
+                if not batch:
+                    return
+                pending = executor.submit(read_batch)  # prepare the next batch while this one runs
+                yield from self._predict_prepared(batch)
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 _PREDICTORS: dict[tuple[str, str], Predictor] = {}
@@ -156,87 +351,206 @@ _PREDICTORS_LOCK = threading.Lock()
 def get_predictor(task: str, model_path: Optional[str] = None) -> Predictor:
     """Process-wide cache: each model is loaded and warmed once."""
     spec = get_task(task)
-    key = (spec.name, str(Path(model_path).resolve()) if model_path else str(spec.model_path))
+    key = (spec.name, str(Path(model_path or spec.model_path).resolve()))
     with _PREDICTORS_LOCK:
         if key not in _PREDICTORS:
             _PREDICTORS[key] = Predictor(spec, model_path)
         return _PREDICTORS[key]
 
 
-def expand_paths(patterns: Iterable[str]) -> Iterator[str]:
-    """Files, folders (recursively, image suffixes only) and glob patterns, in a stable order.
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
-    A pattern that matches nothing is yielded as is, so it is reported as missing.
+
+def _walk_images(folder: str | os.PathLike) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if _is_image_name(name):
+                yield os.path.join(root, name)
+
+
+def expand_paths(patterns: Iterable[str]) -> Iterator[str]:
+    """Files, folders and glob patterns -> image file paths, lazily and in a stable order.
+
+    * a file is yielded as given (whatever its suffix: it was named on purpose);
+    * a folder yields its image files (``IMAGE_SUFFIXES``), recursively, sorted
+      by name within each folder; hidden files and folders are skipped;
+    * a glob (``*``, ``?``, ``[...]``, ``**`` recursive) yields the image files
+      it matches, sorted, and the image files inside any folders it matches;
+    * a pattern that matches nothing is yielded as it is, so it is reported as
+      missing ("no such file").
     """
     for pattern in patterns:
+        pattern = os.fspath(pattern)
         path = Path(pattern)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                        yield os.path.join(root, name)
+            yield from _walk_images(path)
         elif path.exists():
             yield str(path)
         else:
-            matches = sorted(glob.glob(pattern, recursive=True))
-            files = [m for m in matches if os.path.isfile(m)]
-            if files:
-                yield from files
-            else:
+            found = False
+            for match in sorted(glob.iglob(pattern, recursive=True)):
+                if os.path.isdir(match):
+                    for file in _walk_images(match):
+                        found = True
+                        yield file
+                elif os.path.isfile(match) and _is_image_name(os.path.basename(match)):
+                    found = True
+                    yield match
+            if not found:
                 yield pattern
 
 
+def _count(iterator: Iterable) -> int:
+    return sum(1 for _ in iterator)
+
+
 def run_predict_cli(args) -> int:
+    """``python -m medclassify predict``: stream results, one line per input file.
+
+    ``args``: ``task``, ``model`` (or None), ``json``, ``batch_size``,
+    ``no_progress``, ``paths``.  With ``--json`` each line is one JSON object,
+    ``{"file", "task", "label", "class_index", "probabilities", "ood",
+    "warnings"}`` (breast also ``p_malignant``, ``threshold``) or ``{"file",
+    "error"}``.  A progress bar goes to stderr.  Returns 0 when every file was
+    classified, 1 when any failed (or none was found), 2 on usage errors.
+    """
     spec = get_task(args.task)
+    batch_size = getattr(args, "batch_size", None)
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {batch_size}", file=sys.stderr)
+        return 2
+    model = getattr(args, "model", None)
+    if model and not Path(model).is_file():
+        print(f"error: model file {model} not found", file=sys.stderr)
+        return 2
     try:
-        predictor = Predictor(spec, args.model)
+        predictor = Predictor(spec, model)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"error: cannot load the {spec.name} model: {exc}", file=sys.stderr)
         return 1
-    files = expand_paths(args.paths)
     progress = None
-    if not args.no_progress:
+    if not getattr(args, "no_progress", False):
         from tqdm import tqdm
 
-        progress = tqdm(unit="img", file=sys.stderr, desc=f"predict {spec.name}", mininterval=0.5)
-    failed = 0
+        # Counting walks the folders once more but holds nothing: memory stays flat.
+        total = _count(expand_paths(args.paths))
+        progress = tqdm(total=total, unit="img", file=sys.stderr, desc=f"predict {spec.name}",
+                        mininterval=0.5, dynamic_ncols=True)
+    as_json = getattr(args, "json", False)
+    seen = failed = 0
     out = sys.stdout
-    for source, result in predictor.predict_many(files, batch_size=args.batch_size):
+    try:
+        for source, result in predictor.predict_many(expand_paths(args.paths), batch_size=batch_size):
+            seen += 1
+            if isinstance(result, str):
+                failed += 1
+                line = json.dumps({"file": source, "error": result}) if as_json else f"{source}\terror: {result}"
+            elif as_json:
+                line = json.dumps(result.to_json(file=source))
+            else:
+                top = result.probabilities[result.label]
+                flag = "\tWARNING: " + "; ".join(result.warnings) if result.ood else ""
+                line = f"{source}\t{result.label}\t{top:.3f}{flag}"
+            out.write(line + "\n")
+            if seen % batch_size == 0:
+                out.flush()
+            if progress is not None:
+                progress.update(1)
+        out.flush()
+    except BrokenPipeError:  # e.g. `... | head`: stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    finally:
         if progress is not None:
-            progress.update(1)
-        if isinstance(result, str):
-            failed += 1
-            line = json.dumps({"file": source, "error": result}) if args.json else f"{source}\terror: {result}"
-        elif args.json:
-            line = json.dumps(result.to_json(file=source))
-        else:
-            top = result.probabilities[result.label]
-            flag = "\tWARNING: " + "; ".join(result.warnings) if result.ood else ""
-            line = f"{source}\t{result.label}\t{top:.3f}{flag}"
-        out.write(line + "\n")
-    out.flush()
-    if progress is not None:
-        progress.close()
+            progress.close()
+    if seen == 0:
+        print("error: no image files found in " + " ".join(map(str, args.paths)), file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 
-def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[str] = None) -> Path:
-    """Write a TensorFlow SavedModel (signature ``serving_default``: image -> probabilities)."""
+def _next_version(base: Path) -> int:
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[str] = None,
+                      version: Optional[int] = None) -> Path:
+    """Write a TensorFlow SavedModel for TensorFlow Serving; returns the version folder.
+
+    ``out`` is the *model base folder* TF Serving watches (mounted as
+    ``/models/<name>``): the SavedModel goes to ``out/<version>/`` where
+    ``version`` is 1 for a new folder and one more than the highest existing
+    numeric version otherwise (TF Serving serves the highest version, so
+    exporting a retrained model rolls it out).  If the last component of
+    ``out`` is itself a number (``models/blood/3``), ``out`` is taken as the
+    version folder.  An existing version folder is never overwritten.
+
+    Signature ``serving_default``:
+
+    * input ``image``: float32 ``(N, 28, 28, C)`` pixel values 0..255, already
+      reduced to 28x28 like ``medclassify.preprocessing.prepare`` does (RGB for
+      blood, grayscale for breast);
+    * outputs ``probabilities`` float32 ``(N, K)`` (calibrated, class order of
+      the model card), ``class_index`` int64 ``(N,)`` and ``label`` string
+      ``(N,)``, using the same decision rule as ``Predictor`` (argmax, or the
+      card's threshold on P(malignant) for breast).
+
+    The model card is copied to ``<version>/assets.extra/card.json``.
+    """
+    import shutil
+
     import tensorflow as tf
 
+    from .cards import card_path
     from .models import load_model
 
     spec = get_task(task)
-    model = load_model(model_path or spec.model_path)
+    model_path = Path(model_path) if model_path else spec.model_path
+    if not model_path.exists():
+        raise FileNotFoundError(f"model file {model_path} not found")
     out = Path(out)
+    if version is None and out.name.isdigit():
+        target = out
+    else:
+        target = out / str(version if version is not None else _next_version(out))
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} already exists; export to a new version folder")
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *spec.input_shape], tf.float32, name="image")])
-    def serve(image):
-        return {"probabilities": model(image, training=False)}
+    model = load_model(model_path)
+    graph, n_inputs = serving_model(model, features=None)
+    card = read_card(model_path)
+    threshold = (card.get("decision") or {}).get("threshold")
+    if threshold is None and spec.decision == "threshold":
+        threshold = spec.default_threshold
+    names = tf.constant(list(spec.class_names))
 
-    module = tf.Module()
-    module.model = model
-    module.serve = serve
-    tf.saved_model.save(module, str(out), signatures={"serving_default": serve})
-    return out
+    class ServingModule(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = graph
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *spec.input_shape], tf.float32, name="image")])
+        def serve(self, image):
+            probs = self.model(image if n_inputs == 1 else [image] * n_inputs, training=False)
+            if spec.decision == "threshold":
+                positive = spec.positive_class
+                is_positive = probs[:, positive] >= tf.constant(threshold, tf.float32)
+                index = tf.where(is_positive, tf.constant(positive, tf.int64), tf.constant(1 - positive, tf.int64))
+            else:
+                index = tf.argmax(probs, axis=-1, output_type=tf.int64)
+            return {"probabilities": probs, "class_index": index, "label": tf.gather(names, index)}
+
+    module = ServingModule()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(target), signatures={"serving_default": module.serve})
+    if card_path(model_path).exists():
+        (target / "assets.extra").mkdir(exist_ok=True)
+        shutil.copyfile(card_path(model_path), target / "assets.extra" / "card.json")
+    return target

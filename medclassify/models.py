@@ -31,8 +31,15 @@ def _keras():
     return keras
 
 
-def augmentation_layers(spec: TaskSpec) -> list:
+AUGMENTATION_POLICIES = ("default", "flips")
+
+
+def augmentation_layers(spec: TaskSpec, policy: str = "default") -> list:
     """Augmentations that respect each modality.
+
+    ``flips``: only lossless symmetries (horizontal and vertical flips) and whole-pixel
+    shifts, which keep every 28-px image sharp -- arbitrary rotations and zooms
+    interpolate, and at 28 px that blur costs detail.
 
     Blood cells have no preferred orientation, so all flips and full rotations
     are label-preserving; ultrasound has a top (the transducer), so only a
@@ -40,6 +47,13 @@ def augmentation_layers(spec: TaskSpec) -> list:
     save it to .h5.)
     """
     layers = _keras().layers
+    if policy not in AUGMENTATION_POLICIES:
+        raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENTATION_POLICIES}")
+    if policy == "flips":
+        return [
+            layers.RandomFlip("horizontal_and_vertical" if spec.name == "blood" else "horizontal", name="aug_flip"),
+            layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", interpolation="nearest", name="aug_translate"),
+        ]
     if spec.name == "blood":
         return [
             layers.RandomFlip("horizontal_and_vertical", name="aug_flip"),
@@ -75,7 +89,7 @@ def _conv_bn(x, filters: int, name: str, stride: int = 1):
 
 
 def build_cnn(task: str | TaskSpec, augment: bool = True, widths: tuple[int, ...] = (32, 64, 128),
-              dropout: float = 0.3, name: Optional[str] = None):
+              dropout: float = 0.3, name: Optional[str] = None, augmentation: str = "default"):
     """Self-designed CNN: three stages of two 3x3 conv-BN-ReLU layers with a residual
     shortcut, max-pooling between stages, global average pooling."""
     keras = _keras()
@@ -84,7 +98,7 @@ def build_cnn(task: str | TaskSpec, augment: bool = True, widths: tuple[int, ...
     inputs = keras.Input(shape=spec.input_shape, name="image")
     x = inputs
     if augment:
-        for layer in augmentation_layers(spec):
+        for layer in augmentation_layers(spec, augmentation):
             x = layer(x)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
     for stage, filters in enumerate(widths, start=1):

@@ -64,8 +64,8 @@ class OODDetector:
         """Squared Mahalanobis distance to the nearest class mean, per row."""
         features = np.atleast_2d(np.asarray(features, dtype=np.float64))
         diffs = features[:, None, :] - self.means[None, :, :]  # (N, K, D)
-        d2 = np.einsum("nkd,de,nke->nk", diffs, self.precision, diffs)
-        return d2.min(axis=1)
+        # one matrix product; an unplanned einsum here cost more than the model call
+        return ((diffs @ self.precision) * diffs).sum(axis=-1).min(axis=1)
 
     def check(self, prepared, probabilities: np.ndarray, features: np.ndarray) -> Verdict:
         reasons = []

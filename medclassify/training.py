@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     augment: bool = True
+    augmentation: str = "default"  # policy name, see models.augmentation_layers
     class_weight: bool = False
     smote: bool = False
     widths: tuple[int, ...] = (32, 64, 128)
@@ -259,7 +260,8 @@ def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_spli
     from .models import build_cnn, build_vgg16, set_base_trainable
 
     if cfg.model == "cnn":
-        model = build_cnn(spec, augment=cfg.augment, widths=tuple(cfg.widths), dropout=cfg.dropout)
+        model = build_cnn(spec, augment=cfg.augment, widths=tuple(cfg.widths), dropout=cfg.dropout,
+                          augmentation=cfg.augmentation)
         history, best_epoch = _fit(model, train_split, val_split, spec, cfg, cfg.epochs, cfg.learning_rate,
                                    class_weight)
     elif cfg.model == "vgg16":

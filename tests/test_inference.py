@@ -52,33 +52,70 @@ def png_bytes(array: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- compiled serving graph
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-def test_serving_model_drops_augmentation_and_shares_weights(predictors, task):
-    predictor = predictors[task]
-    model, serving = predictor.model, predictor._serving_model
-    assert predictor._serving_inputs == 1
+def test_serving_model_drops_augmentation_and_shares_weights(task):
+    """A model that still carries augmentation layers is served from the layer after them."""
+    from medclassify.models import build_cnn
+
+    model = build_cnn(task, widths=(4, 8, 8))
     assert any(layer.name.startswith("aug_") for layer in model.layers)
+    serving, n_inputs = serving_model(model)
+    assert n_inputs == 1
     assert not any(layer.name.startswith("aug_") for layer in serving.layers)
     assert serving.get_layer("logits") is model.get_layer("logits")  # same objects, same weights
     x = random_batch(task, 5).astype(np.float32)
     probs, feats = serving(x, training=False)
     np.testing.assert_array_equal(probs.numpy(), model(x, training=False).numpy())
-    assert feats.shape == (5, model.get_layer("pool").output.shape[-1])
+    assert feats.shape == (5, 8)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_serving_model_of_a_saved_model(predictors, task):
+    """Saved models (augmentation already stripped by training) are served as they are."""
+    predictor = predictors[task]
+    assert predictor._serving_inputs == 1
+    assert not any("aug_" in layer.name for layer in predictor._serving_model.layers)
+    x = random_batch(task, 4, seed=8).astype(np.float32)
+    probs, _ = predictor._serving_model(x, training=False)
+    np.testing.assert_array_equal(probs.numpy(), predictor.model(x, training=False).numpy())
+
+
+def test_serving_model_strips_one_augmentation_chain_per_branch():
+    """Two branches, each behind its own augmentation chain (``m<i>_aug_*``): both chains go."""
+    import keras
+
+    inputs = keras.Input((28, 28, 3), name="image")
+    logits = []
+    for i in range(2):
+        x = keras.layers.RandomFlip("horizontal", name=f"m{i}_aug_flip")(inputs)
+        x = keras.layers.RandomContrast(0.1, value_range=(0, 255), name=f"m{i}_aug_contrast")(x)
+        x = keras.layers.Rescaling(1 / 255, name=f"m{i}_rescale")(x)
+        x = keras.layers.Conv2D(4, 3, name=f"m{i}_conv")(x)
+        pool = keras.layers.GlobalAveragePooling2D(name=f"m{i}_pool")(x)
+        logits.append(keras.layers.Dense(8, name=f"m{i}_logits")(pool))
+    mean = keras.layers.Average(name="logits")(logits)
+    probs = keras.layers.Activation("softmax", name="probabilities")(mean)
+    model = keras.Model(inputs, probs)
+    serving, n_inputs = serving_model(model)
+    assert n_inputs == 2
+    assert not any("aug_" in layer.name for layer in serving.layers)
+    x = random_batch("blood", 3, seed=9).astype(np.float32)
+    out, feats = serving([x, x], training=False)
+    np.testing.assert_array_equal(out.numpy(), model(x, training=False).numpy())
+    assert feats.shape == (3, 8)  # both branches' pooled features
 
 
 def test_serving_model_of_an_ensemble(tmp_path):
-    """Ensembles (one augmentation chain per member) serve through the same path, features side by side."""
+    """Ensembles serve through the same path, with the members' features side by side."""
     from medclassify import models
 
     if not hasattr(models, "build_ensemble"):
         pytest.skip("medclassify.models has no build_ensemble")
     members = [models.build_cnn("blood", widths=(4, 8, 8)) for _ in range(2)]
     ensemble = models.with_temperature(models.build_ensemble(members), 1.3)
-    serving, n_inputs = serving_model(ensemble)
-    assert n_inputs == 2
-    assert not any("aug_" in layer.name for layer in serving.layers)
     path = tmp_path / "ensemble.h5"
     ensemble.save(str(path))
     predictor = Predictor("blood", path)
+    assert not any("aug_" in layer.name for layer in predictor._serving_model.layers)
     x = random_batch("blood", 3, seed=5)
     probs, feats = predictor.predict_arrays(x)
     expected = predictor.model(x.astype(np.float32), training=False).numpy()
@@ -100,6 +137,31 @@ def test_predict_arrays_matches_keras(predictors, task):
     np.testing.assert_allclose(float_probs, probs, rtol=1e-5, atol=1e-6)
     single, _ = predictor.predict_arrays(x[0])
     np.testing.assert_allclose(single[0], probs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_single_image_xla_matches(tiny_models):
+    predictor = Predictor("blood", tiny_models["blood"].path, single_image_xla=True)
+    assert predictor._serve_single is not None
+    x = random_batch("blood", 3, seed=7)
+    batch_probs, batch_feats = predictor.predict_arrays(x)
+    for i in range(3):
+        probs, feats = predictor.predict_arrays(x[i])  # one image: the XLA function
+        np.testing.assert_allclose(probs[0], batch_probs[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(feats[0], batch_feats[i], rtol=1e-4, atol=1e-5)
+
+
+def test_configure_threads(monkeypatch):
+    from medclassify import inference
+
+    monkeypatch.delenv(inference.THREADS_ENV, raising=False)
+    assert inference.configure_threads() is False  # nothing asked for
+    monkeypatch.setenv(inference.THREADS_ENV, "two")
+    assert inference.configure_threads() is False  # not a number: ignored
+    # TensorFlow already ran operations in this process, so it is too late: a no-op, not an error
+    import tensorflow as tf
+
+    tf.constant(1.0) + 1.0
+    assert inference.configure_threads(1) is False
 
 
 def test_predict_arrays_is_thread_safe(predictors):
