@@ -149,6 +149,14 @@ VARIANT_TEXT = {
         orientation, so all flips and full rotations are allowed, plus small shifts, zooms and contrast
         changes, with label smoothing and a longer cosine schedule.
     """,
+    ("blood", "cnn_flips_wide"): """
+        ### `cnn_flips_wide`: sharper augmentation, twice the width
+
+        At 28 px every interpolation blurs: arbitrary rotations and zooms average neighbouring pixels and
+        erase the granules and nuclear detail that separate the classes.  This variant keeps only lossless
+        symmetries -- horizontal and vertical flips and whole-pixel shifts (nearest-neighbour) -- and doubles
+        the channel widths of every stage.  It costs about four times the arithmetic per image of `cnn_aug`.
+    """,
     ("blood", "vgg16"): """
         ### `vgg16`: ImageNet transfer
 
