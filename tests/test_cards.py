@@ -121,7 +121,9 @@ def test_shipped_cards(task):
     assert card["input"]["shape"] == list(spec.input_shape)
     assert card["intended_use"] == INTENDED_USE
     assert card["limitations"]
-    assert card["training"]["command"].startswith("python -m medclassify train")
+    assert card["training"]["command"].startswith(("python -m medclassify train",
+                                                   "python -m medclassify experiment"))
+    assert card["test"] and card["test"]["split"] == "test" and "ci95" in card["test"]
     assert card["calibration"]["temperature"] > 0
     if task == "breast":
         assert 0.0 < card["decision"]["threshold"] < 1.0
