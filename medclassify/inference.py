@@ -77,12 +77,9 @@ def _is_augmentation(layer) -> bool:
 
 def feature_output(model, features: str = FEATURE_LAYER):
     """The pooled-feature tensor the OOD rule uses (``models.feature_tensor`` knows ensembles)."""
-    from . import models
+    from .models import feature_tensor
 
-    finder = getattr(models, "feature_tensor", None)
-    if finder is not None and features == FEATURE_LAYER:
-        return finder(model)
-    return model.get_layer(features).output
+    return feature_tensor(model) if features == FEATURE_LAYER else model.get_layer(features).output
 
 
 def serving_model(model, features: Optional[str] = FEATURE_LAYER):
