@@ -30,7 +30,7 @@ notebooks: setup-dev
 	$(BIN)/python scripts/run_notebooks.py
 
 benchmark: setup-dev
-	$(BIN)/python benchmarks/benchmark.py
+	$(BIN)/python benchmarks/benchmark.py --readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -14,7 +14,7 @@ What is measured, for each shipped model (``model_blood.h5``,
 ``build_cnn(widths=...)`` (random weights: speed does not depend on them):
 
 * single-image latency (p50/p95/min) of the serving path
-  (``Predictor.predict_arrays`` on one 28-px image: one compiled call) and of
+  (``Predictor.predict_arrays`` on one 28-px image: one TensorFlow Lite call) and of
   plain ``model.predict`` in the same process, and their ratio;
 * end-to-end single image: PNG bytes -> ``prepare`` -> model -> ``Prediction``
   (``Predictor.predict``), and the same for a full-size 360x363 JPEG (blood);
@@ -27,8 +27,10 @@ What is measured, for each shipped model (``model_blood.h5``,
   headless Chromium (Playwright) -- skipped with a note when ``app.py``,
   Playwright or Chromium is missing;
 * full run only: serving-path variants (the previous graph with augmentation
-  layers and float input, XLA ``jit_compile``, probabilities only) and
-  TensorFlow thread settings (child processes with intra-op threads 1 and 2).
+  layers and float input, the TensorFlow graph for single images, XLA
+  ``jit_compile``, probabilities only) and runtime settings (child processes
+  with TensorFlow intra-op threads 1, single images on TensorFlow instead of
+  TensorFlow Lite, oneDNN off).
 
 Timings on a busy machine are slower and noisier: the load average and the CPU
 share taken by other processes are recorded next to the numbers, and "min" is
@@ -60,7 +62,7 @@ RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-CANDIDATE_WIDTHS = ((32, 64, 128), (64, 128, 256))
+CANDIDATE_WIDTHS = ((16, 32, 64), (32, 64, 128), (64, 128, 256))
 TARGETS = {
     "single_p50_ms": 2.0,
     "speedup_vs_predict": 20.0,
@@ -130,7 +132,8 @@ def machine_info() -> dict:
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "settings_env": {k: os.environ.get(k) for k in ("MEDCLASSIFY_TF_INTRA_OP_THREADS",
-                                                        "MEDCLASSIFY_SINGLE_IMAGE_XLA", "TF_ENABLE_ONEDNN_OPTS")},
+                                                        "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME", "MEDCLASSIFY_TFLITE_THREADS",
+                                                        "TF_ENABLE_ONEDNN_OPTS")},
     }
 
 
@@ -283,17 +286,46 @@ def build_candidates(folder: Path, widths_list) -> list[dict]:
         path = folder / f"blood_cnn_w{'-'.join(map(str, widths))}.h5"
         if not path.exists():
             model = with_temperature(build_cnn(spec, widths=tuple(widths)), 1.5)
-            if hasattr(model_lib, "inference_model"):  # saved like training saves: augmentation stripped
-                model = model_lib.inference_model(model)
+            model = model_lib.inference_model(model)  # saved like training saves: augmentation stripped
             model.save(str(path))
             dim = widths[-1]
             np.savez_compressed(ood_path(path), means=np.zeros((spec.num_classes, dim), np.float32),
                                 precision=np.eye(dim, dtype=np.float32))
             write_card(path, {"task": "blood", "decision": {"rule": "argmax", "threshold": None},
                               "ood": {"distance_threshold": 1e12, "min_colourfulness": 8.0}})
-        out.append({"name": f"blood cnn {'/'.join(map(str, widths))}", "task": "blood", "path": str(path),
+        note = trained_accuracy("blood", widths=widths)
+        out.append({"name": f"blood cnn {'/'.join(map(str, widths))}{f' ({note})' if note else ''}", "task": "blood", "path": str(path),
                     "kind": "candidate", "widths": list(widths)})
     return out
+
+
+def trained_accuracy(task: str, widths=None, card_path=None) -> str:
+    """``<variant>: test accuracy X`` from the results card of a trained model of this size, or ''.
+
+    Speed does not depend on the weights, but the speed/accuracy trade does: each benchmarked
+    architecture is labelled with the test accuracy its training variant reached, when one exists.
+    """
+    from medclassify.cards import read_card
+    from medclassify.experiments import RESULTS_DIR
+
+    key = "accuracy" if task == "blood" else "auc"
+    paths = [Path(card_path)] if card_path else sorted((RESULTS_DIR / task).glob("*.card.json"))
+    matches = []
+    for path in paths:
+        if "_seed" in path.name or not path.exists():
+            continue
+        card = json.loads(path.read_text()) if path.suffix == ".json" else read_card(path)
+        config = (card.get("training") or {}).get("config") or {}
+        if widths is not None and (config.get("model") != "cnn" or list(config.get("widths") or []) != list(widths)
+                                   or (config.get("ensemble") or 1) != 1):
+            continue
+        if key in (card.get("test") or {}):
+            matches.append(card)
+    if not matches:
+        return ""
+    # several variants share an architecture: label it with the one validation prefers, as shipping does
+    card = max(matches, key=lambda c: (c.get("val") or {}).get(key, float("-inf")))
+    return f"{card.get('variant', '?')}: test {key} {card['test'][key]:.4f}"
 
 
 def shipped_models() -> list[dict]:
@@ -302,7 +334,9 @@ def shipped_models() -> list[dict]:
     out = []
     for name, spec in TASKS.items():
         if spec.model_path.exists():
-            out.append({"name": f"{name} (shipped)", "task": name, "path": str(spec.model_path), "kind": "shipped"})
+            note = trained_accuracy(name, card_path=spec.card_path)
+            out.append({"name": f"{name} (shipped{', ' + note if note else ''})", "task": name, "path": str(spec.model_path),
+                        "kind": "shipped"})
     return out
 
 
@@ -312,12 +346,12 @@ def shipped_models() -> list[dict]:
 def measure_model(entry: dict, quick: bool, explore: bool) -> dict:
     import numpy as np
 
-    from medclassify.inference import Predictor
+    from medclassify.inference import Predictor, serving_runtime
 
     task, path = entry["task"], entry["path"]
     result = dict(entry)
     start = time.perf_counter()
-    predictor = Predictor(task, path, warm=False)
+    predictor = Predictor(task, path, warm=False, single_image_runtime=serving_runtime())
     result["load_s"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     predictor.warm_up()
@@ -368,9 +402,10 @@ def _prepare(data: bytes, spec):
 def measure_variants(predictor, one, rng, quick: bool) -> dict:
     """The serving graph against what it replaced and against options that were tried."""
     import keras
+    import numpy as np
     import tensorflow as tf
 
-    from medclassify.inference import compile_serving_function, feature_output, serving_model
+    from medclassify.inference import LiteSingleImage, compile_serving_function, feature_output, serving_model
 
     spec = predictor.spec
     n = 300 if quick else 1500
@@ -378,12 +413,13 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
     batch = rng.integers(0, 256, (256, *spec.input_shape), dtype="uint8")
     out = {}
 
-    def record(name, fn, dtype="uint8"):
+    def record(name, fn, dtype="uint8", batches=True):
         x1 = one if dtype == "uint8" else one.astype("float32")
         xb = batch if dtype == "uint8" else batch.astype("float32")
         try:
-            single = time_calls(lambda: [t.numpy() for t in _as_list(fn(x1))], n, warmup=20)
-            batch256 = throughput(lambda: [t.numpy() for t in _as_list(fn(xb))], 256, seconds)
+            single = time_calls(lambda: [np.asarray(t) for t in _as_list(fn(x1))], n, warmup=20)
+            batch256 = (throughput(lambda: [np.asarray(t) for t in _as_list(fn(xb))], 256, seconds) if batches
+                        else None)
             out[name] = {"single": single, "batch256": batch256}
         except Exception as exc:  # a variant that does not work here is a finding, not a crash
             out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
@@ -395,8 +431,12 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
     old = tf.function(lambda x: full(x, training=False),
                       input_signature=[tf.TensorSpec([None, *spec.input_shape], tf.float32)])
     record("previous path: tf.function over the loaded model, float32", lambda x: old(x.astype("float32")))
-    # 2. the serving path (concrete function, uint8, no augmentation layers)
+    # 2. the TensorFlow serving graph (concrete function, uint8, no augmentation layers): batches
     record("serving: concrete fn, uint8, no augmentation", predictor._serve_uint8)
+    # 2b. TensorFlow Lite (XNNPACK): single images (fixed batch of one)
+    if predictor._serving_inputs == 1:
+        record("serving, single image: TensorFlow Lite (XNNPACK)",
+               LiteSingleImage(predictor._serving_model, spec.input_shape), batches=False)
     # 3. same graph through tf.function dispatch instead of the concrete function
     serving, n_inputs = serving_model(model)
 
@@ -429,8 +469,8 @@ def cold_process(entry: dict) -> dict:
         "t0 = time.perf_counter()\n"
         "import tensorflow\n"
         "t1 = time.perf_counter()\n"
-        "from medclassify.inference import Predictor\n"
-        f"p = Predictor({entry['task']!r}, {entry['path']!r}, warm=False)\n"
+        "from medclassify.inference import Predictor, serving_runtime\n"
+        f"p = Predictor({entry['task']!r}, {entry['path']!r}, warm=False, single_image_runtime=serving_runtime())\n"
         "t2 = time.perf_counter()\n"
         "p.warm_up()\n"
         "t3 = time.perf_counter()\n"
@@ -455,9 +495,10 @@ def cold_process(entry: dict) -> dict:
 RUNTIME_SETTINGS = (
     {"name": "default (intra-op threads = cores, oneDNN on)", "env": {}},
     {"name": "intra-op threads 1", "env": {"MEDCLASSIFY_TF_INTRA_OP_THREADS": "1"}},
-    {"name": "intra-op threads 1 + single-image XLA",
-     "env": {"MEDCLASSIFY_TF_INTRA_OP_THREADS": "1", "MEDCLASSIFY_SINGLE_IMAGE_XLA": "1"}},
-    {"name": "default threads + single-image XLA", "env": {"MEDCLASSIFY_SINGLE_IMAGE_XLA": "1"}},
+    {"name": "single images on TensorFlow (not TFLite)", "env": {"MEDCLASSIFY_SINGLE_IMAGE_RUNTIME": "tensorflow"}},
+    {"name": "intra-op threads 1, single images on TensorFlow",
+     "env": {"MEDCLASSIFY_TF_INTRA_OP_THREADS": "1", "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME": "tensorflow"}},
+    {"name": "TFLite 1 thread", "env": {"MEDCLASSIFY_TFLITE_THREADS": "1"}},
     {"name": "default threads, oneDNN off", "env": {"TF_ENABLE_ONEDNN_OPTS": "0"}},
     {"name": "intra-op threads 1, oneDNN off", "env": {"MEDCLASSIFY_TF_INTRA_OP_THREADS": "1",
                                                        "TF_ENABLE_ONEDNN_OPTS": "0"}},
@@ -470,7 +511,8 @@ def settings_child(models: list[dict], setting: dict, quick: bool) -> dict:
     if quick:
         cmd.append("--quick")
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MEDCLASSIFY_TF_INTRA_OP_THREADS", "MEDCLASSIFY_SINGLE_IMAGE_XLA", "TF_ENABLE_ONEDNN_OPTS")}
+           if k not in ("MEDCLASSIFY_TF_INTRA_OP_THREADS", "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME", "MEDCLASSIFY_TFLITE_THREADS",
+                                                        "TF_ENABLE_ONEDNN_OPTS")}
     env.update(TF_CPP_MIN_LOG_LEVEL="3", **setting["env"])
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -482,12 +524,12 @@ def run_settings_child(models: list[dict], quick: bool) -> None:
     """Measure with the settings in the environment (``Predictor`` applies them)."""
     import numpy as np
 
-    from medclassify.inference import Predictor
+    from medclassify.inference import Predictor, serving_runtime
 
     out = {}
     for entry in models:
         start = time.perf_counter()
-        predictor = Predictor(entry["task"], entry["path"])
+        predictor = Predictor(entry["task"], entry["path"], single_image_runtime=serving_runtime())
         ready = time.perf_counter() - start
         rng = np.random.default_rng(0)
         one = rng.integers(0, 256, (1, *predictor.spec.input_shape), dtype=np.uint8)
@@ -744,8 +786,9 @@ def variant_table(results: dict) -> str:
         row = [name]
         for m in models:
             v = m["variants"].get(name, {})
+            batch = fmt(v["batch256"]["ips"], 0) if v.get("batch256") else "–"
             row.append(v.get("error", "")[:60] if "error" in v else
-                       f"{fmt(v['single']['p50_ms'])} ({fmt(v['single']['min_ms'])}) · {fmt(v['batch256']['ips'], 0)}")
+                       f"{fmt(v['single']['p50_ms'])} ({fmt(v['single']['min_ms'])}) · {batch}")
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -759,7 +802,7 @@ def settings_table(results: dict) -> str:
         for name in data:
             if name != "error" and name not in model_names:
                 model_names.append(name)
-    header = ["TensorFlow runtime setting"] + [f"{n}: 1 img p50 (min) ms · b256 img/s" for n in model_names]
+    header = ["runtime setting"] + [f"{n}: 1 img p50 (min) ms · b256 img/s" for n in model_names]
     rows = []
     for setting, data in settings.items():
         if "error" in data:
@@ -824,13 +867,16 @@ def render_markdown(results: dict) -> str:
     lines += ["Single image:", "", markdown_table(LATENCY_HEADER, latency_rows(results)), "",
               "Batches, loading and memory:", "", markdown_table(THROUGHPUT_HEADER, throughput_rows(results)), ""]
     lines += [
-        "*Serving* = `Predictor.predict_arrays` on one 28-px image (one compiled TensorFlow call); "
+        "*Serving* = `Predictor.predict_arrays` on one 28-px image (one TensorFlow Lite call, XNNPACK kernels; "
+        "batches go through one compiled TensorFlow graph); "
         "*model.predict* = Keras `model.predict` on the same image in the same run; *→ Prediction* = "
         "`Predictor.predict(bytes)` (decode, MedMNIST crop/resize, model, out-of-distribution check). "
         "Throughput is the serving path on uint8 batches; *CPU ms/img* is the process CPU time (all threads), which "
         "other processes hardly change, and the estimate in brackets is cores × 1000 / CPU ms. *Cold process* = "
         "a fresh Python importing TensorFlow, loading and warming up the model. Candidate models are "
-        "`build_cnn(widths=...)` with random weights (speed does not depend on the weights).",
+        "`build_cnn(widths=...)` with random weights (speed does not depend on the weights); where a training "
+        "variant of the same architecture exists in `results/`, its test accuracy is given beside the name, so "
+        "the speed/accuracy trade can be read off the tables.",
         "",
     ]
     variants = variant_table(results)
@@ -853,7 +899,8 @@ def render_markdown(results: dict) -> str:
     lines.append(f"Targets: serving p50 ≤ {TARGETS['single_p50_ms']:g} ms and ≥ {TARGETS['speedup_vs_predict']:g}× "
                  f"model.predict; blood ≥ {TARGETS['blood_batch256_ips']:,.0f} img/s at batch 256; app health ≤ "
                  f"{TARGETS['app_health_s']:g} s; first prediction ≤ {TARGETS['first_prediction_s']:g} s.")
-    lines.append("")
+    lines += ["", "Reproduce with `make benchmark` (`python benchmarks/benchmark.py --readme`, which also pastes these "
+              "tables here); add `--quick` for a short run.", ""]
     return "\n".join(lines)
 
 
@@ -884,13 +931,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-app", action="store_true", help="skip the Streamlit/browser measurements")
     parser.add_argument("--no-candidates", action="store_true", help="only the shipped models")
     parser.add_argument("--candidate-widths", nargs="+", metavar="W1,W2,W3",
-                        help="blood CNN widths to build and measure (default 32,64,128 and 64,128,256)")
+                        help="blood CNN widths to build and measure (default 16,32,64, 32,64,128 and 64,128,256)")
     parser.add_argument("--explore", action="store_true", help="variant and thread study even with --quick")
     parser.add_argument("--cli-files", type=int, help="files for the CLI run (default 1000 quick, 5000 full; 0 skips)")
     parser.add_argument("--model", action="append", default=[], metavar="TASK=PATH",
                         help="also measure this model file (repeatable)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "latest.json"))
     parser.add_argument("--markdown", default=str(RESULTS_MD))
+    parser.add_argument("--readme", action="store_true",
+                        help="also replace the README's benchmark section with the new tables")
     parser.add_argument("--settings-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--models-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -967,9 +1016,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    Path(args.markdown).write_text(render_markdown(results))
+    markdown = render_markdown(results)
+    Path(args.markdown).write_text(markdown)
     print_summary(results)
     log(f"benchmark: wrote {out} and {args.markdown}")
+    if args.readme:
+        from medclassify.experiments import replace_between_markers
+
+        replace_between_markers(REPO_ROOT / "README.md", "benchmarks", markdown)
+        log("benchmark: README.md's benchmark section updated")
     return 0
 
 

@@ -13,6 +13,13 @@ with a fixed input signature) that
 * returns the calibrated probabilities and the pooled features (for the
   out-of-distribution check) from the same call.
 
+Single images go through TensorFlow Lite instead (``LiteSingleImage``): the
+same graph converted in memory at load time and run by the XNNPACK CPU
+kernels, which have a fraction of TensorFlow's per-call overhead (measured in
+``benchmarks/RESULTS.md``).  The conversion is checked against the Keras
+outputs at load; when it cannot be built or disagrees, TensorFlow is used.
+Batches stay on TensorFlow (same throughput, and one graph for any N).
+
 The app (``get_predictor``), the CLI (``run_predict_cli``), ``fit_ood`` and the
 benchmarks (``benchmarks/benchmark.py``) all go through ``Predictor``.
 """
@@ -36,7 +43,8 @@ from .registry import TaskSpec, get_task
 
 #: Environment variables read by ``configure_threads`` when a process builds its first ``Predictor``.
 THREADS_ENV = "MEDCLASSIFY_TF_INTRA_OP_THREADS"
-SINGLE_XLA_ENV = "MEDCLASSIFY_SINGLE_IMAGE_XLA"
+SINGLE_RUNTIME_ENV = "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME"  # "tflite" (default) or "tensorflow"
+LITE_THREADS_ENV = "MEDCLASSIFY_TFLITE_THREADS"
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"}
 FEATURE_LAYER = "pool"
@@ -177,21 +185,87 @@ def _configure_threads_once() -> None:
         configure_threads()
 
 
+class LiteSingleImage:
+    """One image at a time through TensorFlow Lite (XNNPACK), same outputs as ``keras_model``.
+
+    ``keras_model`` maps float pixels (1, *input_shape) to a list of outputs.
+    The interpreter is not thread-safe, so calls are serialised by a lock (one
+    call takes about a millisecond).  Raises ``RuntimeError`` when the
+    converted model does not reproduce ``keras_model`` within ``atol``.
+    """
+
+    def __init__(self, keras_model, input_shape: tuple[int, ...], threads: Optional[int] = None,
+                 atol: float = 1e-4, seed: int = 0):
+        import contextlib
+        import io
+        import warnings
+
+        import tensorflow as tf
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel export to stdout
+            blob = tf.lite.TFLiteConverter.from_keras_model(keras_model).convert()
+        if threads is None:
+            threads = int(os.environ.get(LITE_THREADS_ENV, "0") or 0) or min(os.cpu_count() or 1, 4)
+        with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to the ai-edge-litert package
+            warnings.simplefilter("ignore")
+            self._interpreter = tf.lite.Interpreter(model_content=blob, num_threads=threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._lock = threading.Lock()
+        self.threads = threads
+        self.size_bytes = len(blob)
+        # TFLite orders outputs its own way: map them onto the Keras outputs by value on a probe image
+        probe = np.random.default_rng(seed).integers(0, 256, (1, *input_shape)).astype(np.float32)
+        expected = [np.asarray(t) for t in _as_list(keras_model([probe], training=False))]
+        got = self._run(probe, [d["index"] for d in self._interpreter.get_output_details()])
+        order = []
+        for want in expected:
+            match = [i for i, g in enumerate(got) if g.shape == want.shape and np.allclose(g, want, atol=atol)]
+            if not match:
+                raise RuntimeError("TensorFlow Lite conversion does not reproduce the Keras model")
+            order.append(match[0])
+        details = self._interpreter.get_output_details()
+        self._outputs = [details[i]["index"] for i in order]
+
+    def _run(self, image: np.ndarray, outputs: list[int]) -> list[np.ndarray]:
+        with self._lock:
+            self._interpreter.set_tensor(self._input, image)
+            self._interpreter.invoke()
+            return [self._interpreter.get_tensor(i).copy() for i in outputs]
+
+    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+        """``image``: (1, *input_shape) pixels 0..255 (any dtype) -> the Keras outputs as arrays."""
+        return self._run(np.asarray(image, dtype=np.float32), self._outputs)
+
+
+def _as_list(outputs) -> list:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def serving_runtime() -> str:
+    """The single-image runtime of long-lived servers: ``$MEDCLASSIFY_SINGLE_IMAGE_RUNTIME``, else TFLite."""
+    return os.environ.get(SINGLE_RUNTIME_ENV, "").strip().lower() or "tflite"
+
+
 class Predictor:
     """One loaded model of one task, ready to classify images quickly.
 
     Thread-safe: the compiled functions and the OOD detector hold no per-call
     state, so one instance serves every session of the app.
 
-    ``single_image_xla`` (default: ``$MEDCLASSIFY_SINGLE_IMAGE_XLA`` = 1) adds
-    an XLA-compiled function for exactly one image, used by ``predict`` and
-    ``predict_arrays`` on batches of one; it costs about a second of warm-up
-    and pays off for wider models (measured: 64/128/256 CNN ~4.0 vs ~4.9 ms;
-    no clear gain for the 32/64/128 CNN).
+    ``single_image_runtime`` picks what runs batches of one image (``predict``
+    and ``predict_arrays``): ``"tflite"`` (``LiteSingleImage``: 2-3x faster
+    per image than the TensorFlow graph, after a conversion at load that
+    takes ~2 s for the blood CNN and ~8 s for the 5-member breast ensemble)
+    or ``"tensorflow"`` (no conversion).  Default: ``$MEDCLASSIFY_SINGLE_IMAGE_RUNTIME``,
+    else ``"tensorflow"``, which suits the batch tools (CLI, OOD fitting)
+    that start often and answer batches; ``get_predictor``, the long-lived
+    cache the app serves single images from, asks for ``"tflite"``.
+    ``single_runtime`` tells which one is in use.
     """
 
     def __init__(self, task: str | TaskSpec, model_path: Optional[str | os.PathLike] = None, warm: bool = True,
-                 single_image_xla: Optional[bool] = None):
+                 single_image_runtime: Optional[str] = None):
         from .models import load_model
         from .ood import OODDetector
 
@@ -209,9 +283,19 @@ class Predictor:
         self._serving_model, self._serving_inputs = serving_model(self.model)
         self._serve_uint8 = self.compile("uint8")
         self._serve_float = None  # traced on first use: only for callers that pass float pixels
-        if single_image_xla is None:
-            single_image_xla = os.environ.get(SINGLE_XLA_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-        self._serve_single = self.compile("uint8", jit_compile=True, batch=1) if single_image_xla else None
+        runtime = (single_image_runtime or os.environ.get(SINGLE_RUNTIME_ENV, "") or "tensorflow").strip().lower()
+        if runtime not in ("tflite", "tensorflow"):
+            raise ValueError(f"single-image runtime must be 'tflite' or 'tensorflow', not {runtime!r}")
+        self._serve_single = None
+        if runtime == "tflite" and self._serving_inputs != 1:
+            runtime = "tensorflow"  # a legacy graph with augmentation branches; see serving_model
+        if runtime == "tflite":
+            try:
+                self._serve_single = LiteSingleImage(self._serving_model, self.spec.input_shape)
+            except Exception as exc:  # an op TFLite lacks, or outputs that disagree: TensorFlow is still correct
+                print(f"warning: single images use TensorFlow ({exc})", file=sys.stderr)
+                runtime = "tensorflow"
+        self.single_runtime = runtime
         self._float_lock = threading.Lock()
         self.ood = OODDetector.for_model(self.spec, self.model_path, self.card)
         if warm:
@@ -235,8 +319,10 @@ class Predictor:
         if images.ndim == len(self.spec.input_shape):
             images = images[None]
         if images.dtype == np.uint8:
-            single = self._serve_single is not None and images.shape[0] == 1
-            probs, feats = (self._serve_single if single else self._serve_uint8)(images)
+            if self._serve_single is not None and images.shape[0] == 1:
+                probs, feats = self._serve_single(images)
+                return probs, feats
+            probs, feats = self._serve_uint8(images)
         else:
             probs, feats = self._float_function()(images.astype(np.float32, copy=False))
         return probs.numpy(), feats.numpy()
@@ -346,12 +432,16 @@ _PREDICTORS_LOCK = threading.Lock()
 
 
 def get_predictor(task: str, model_path: Optional[str] = None) -> Predictor:
-    """Process-wide cache: each model is loaded and warmed once."""
+    """Process-wide cache for servers: each model is loaded, converted for single images and warmed once.
+
+    Single images run on TensorFlow Lite unless ``$MEDCLASSIFY_SINGLE_IMAGE_RUNTIME`` says otherwise:
+    a server pays the conversion once and then answers every user faster.
+    """
     spec = get_task(task)
     key = (spec.name, str(Path(model_path or spec.model_path).resolve()))
     with _PREDICTORS_LOCK:
         if key not in _PREDICTORS:
-            _PREDICTORS[key] = Predictor(spec, model_path)
+            _PREDICTORS[key] = Predictor(spec, model_path, single_image_runtime=serving_runtime())
         return _PREDICTORS[key]
 
 

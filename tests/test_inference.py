@@ -108,8 +108,6 @@ def test_serving_model_of_an_ensemble(tmp_path):
     """Ensembles serve through the same path, with the members' features side by side."""
     from medclassify import models
 
-    if not hasattr(models, "build_ensemble"):
-        pytest.skip("medclassify.models has no build_ensemble")
     members = [models.build_cnn("blood", widths=(4, 8, 8)) for _ in range(2)]
     ensemble = models.with_temperature(models.build_ensemble(members), 1.3)
     path = tmp_path / "ensemble.h5"
@@ -139,15 +137,44 @@ def test_predict_arrays_matches_keras(predictors, task):
     np.testing.assert_allclose(single[0], probs[0], rtol=1e-5, atol=1e-6)
 
 
-def test_single_image_xla_matches(tiny_models):
-    predictor = Predictor("blood", tiny_models["blood"].path, single_image_xla=True)
-    assert predictor._serve_single is not None
-    x = random_batch("blood", 3, seed=7)
-    batch_probs, batch_feats = predictor.predict_arrays(x)
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_single_image_tflite_matches_the_tensorflow_graph(tiny_models, task):
+    predictor = Predictor(task, tiny_models[task].path, single_image_runtime="tflite")
+    assert predictor.single_runtime == "tflite"
+    x = random_batch(task, 3, seed=7)
+    batch_probs, batch_feats = predictor.predict_arrays(x)  # a batch: the TensorFlow graph
     for i in range(3):
-        probs, feats = predictor.predict_arrays(x[i])  # one image: the XLA function
-        np.testing.assert_allclose(probs[0], batch_probs[i], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(feats[0], batch_feats[i], rtol=1e-4, atol=1e-5)
+        probs, feats = predictor.predict_arrays(x[i])  # one image: TensorFlow Lite
+        np.testing.assert_allclose(probs[0], batch_probs[i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(feats[0], batch_feats[i], rtol=1e-4, atol=1e-4)
+    prediction = predictor.predict(x[0])  # the public single-image call takes the same runtime
+    np.testing.assert_allclose(list(prediction.probabilities.values()), batch_probs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_single_image_runtime_defaults_and_overrides(tiny_models, monkeypatch):
+    from medclassify import inference
+
+    monkeypatch.delenv(inference.SINGLE_RUNTIME_ENV, raising=False)
+    # batch tools (CLI, OOD fitting) skip the conversion; servers (get_predictor, the app) convert once
+    assert Predictor("blood", tiny_models["blood"].path).single_runtime == "tensorflow"
+    assert inference.serving_runtime() == "tflite"
+    monkeypatch.setattr(inference, "_PREDICTORS", {})  # a fresh cache, restored afterwards
+    assert get_predictor("blood", str(tiny_models["blood"].path)).single_runtime == "tflite"
+    monkeypatch.setenv(inference.SINGLE_RUNTIME_ENV, "tensorflow")  # the environment wins everywhere
+    assert inference.serving_runtime() == "tensorflow"
+    predictor = Predictor("blood", tiny_models["blood"].path, single_image_runtime=inference.serving_runtime())
+    assert predictor.single_runtime == "tensorflow" and predictor._serve_single is None
+    with pytest.raises(ValueError, match="runtime"):
+        Predictor("blood", tiny_models["blood"].path, single_image_runtime="onnx")
+
+
+def test_lite_runner_refuses_a_conversion_that_disagrees(tiny_models):
+    from medclassify.inference import LiteSingleImage
+
+    predictor = Predictor("blood", tiny_models["blood"].path, single_image_runtime="tensorflow")
+    # a tolerance no float computation meets: the runner must refuse rather than serve other numbers
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        LiteSingleImage(predictor._serving_model, predictor.spec.input_shape, atol=-1.0)
 
 
 def test_configure_threads(monkeypatch):
