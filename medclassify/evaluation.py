@@ -159,9 +159,9 @@ def bootstrap_ci(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, 
 
 
 def predict_split(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    from .training import _predict
+    from .models import predict_probabilities
 
-    return _predict(model, images, batch_size)
+    return predict_probabilities(model, images, batch_size)
 
 
 def evaluate(task: str, model_path=None, split: str = "test", data_dir=None, bootstrap: int = 0,

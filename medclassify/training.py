@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__
 from .data import Split, load_split
+from .models import predict_probabilities
 from .registry import TaskSpec, get_task
 
 
@@ -122,16 +123,6 @@ def choose_threshold(p_positive: np.ndarray, is_positive: np.ndarray, target_sen
     return float(positives[needed - 1])
 
 
-def _predict(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    import tensorflow as tf
-
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = tf.constant(images[start:start + batch_size], dtype=tf.float32)
-        outputs.append(model(batch, training=False).numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]))
-
-
 class _ValidationSelector:
     """Keras callback factory: score each epoch on validation and keep the best weights."""
 
@@ -148,7 +139,7 @@ class _ValidationSelector:
                 self.scores = []
 
             def on_epoch_end(self, epoch, logs=None):
-                probs = _predict(self.model, val.images)
+                probs = predict_probabilities(self.model, val.images)
                 if spec.decision == "threshold":
                     # breast: rank quality of P(malignant) is what the threshold relies on
                     score = roc_auc_score(val.labels == spec.positive_class, probs[:, spec.positive_class]) \
@@ -241,10 +232,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         model, history, best_epoch = _train_single(cfg, spec, train_split, val_split, class_weight)
 
     model = inference_model(model)  # augmentation is for training only; see models._clone_inline
-    raw_val = _predict(model, val_split.images)
+    raw_val = predict_probabilities(model, val_split.images)
     temperature = fit_temperature(raw_val, val_split.labels)
     model = with_temperature(model, temperature)
-    val_probs = _predict(model, val_split.images)
+    val_probs = predict_probabilities(model, val_split.images)
     threshold = None
     if spec.decision == "threshold":
         threshold = choose_threshold(val_probs[:, spec.positive_class], val_split.labels == spec.positive_class,
@@ -266,7 +257,7 @@ def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_spli
                                    class_weight)
     elif cfg.model == "vgg16":
         model = build_vgg16(spec, weights=cfg.vgg16_weights, augment=cfg.augment,
-                            input_size=cfg.vgg16_input_size, trainable_base=False)
+                            input_size=cfg.vgg16_input_size, trainable_base=False, augmentation=cfg.augmentation)
         history, best_epoch = _fit(model, train_split, val_split, spec, cfg, cfg.epochs, cfg.learning_rate,
                                    class_weight)
         if cfg.finetune_epochs:

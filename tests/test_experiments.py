@@ -1,0 +1,154 @@
+"""Training variants, the comparison report and shipping (``medclassify.experiments``).
+
+The end-to-end test runs ``python -m medclassify experiment`` / ``report`` / ``ship`` on the
+fixture data with results, runs and the shipped-model path redirected to a temp folder, so the
+committed files are never touched.  The last tests read the committed cards: the shipped
+variant must be the one the validation split picks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from medclassify import experiments
+from medclassify.cli import main
+from medclassify.registry import TASKS, get_task
+
+
+def _card(variant: str, val: dict, test: dict, wall: float = 120.0) -> dict:
+    return {"variant": variant, "val": val, "test": test, "training": {"wall_time_s": wall}}
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(experiments, "RUNS_DIR", tmp_path / "runs")
+    return tmp_path / "results"
+
+
+def test_every_variant_is_a_valid_config():
+    for task, variants in experiments.VARIANTS.items():
+        assert task in TASKS
+        assert experiments.SHIPPED[task] in variants
+        for name, cfg in variants.items():
+            assert cfg.task == task, name
+            assert cfg.model in ("cnn", "vgg16"), name
+            assert not (cfg.smote and cfg.class_weight), f"{name}: SMOTE and class weights both rebalance"
+
+
+def test_variant_config_overrides_and_errors():
+    cfg = experiments.variant_config("breast", "cnn", epochs=3, seed=None)
+    assert cfg.epochs == 3 and cfg.seed == experiments.VARIANTS["breast"]["cnn"].seed  # None keeps the default
+    assert experiments.VARIANTS["breast"]["cnn"].epochs != 3  # the registry itself is not changed
+    with pytest.raises(ValueError, match="unknown variant 'nope' for blood"):
+        experiments.variant_config("blood", "nope")
+
+
+def test_card_file_names_seeds(results_dir):
+    assert experiments.card_file("blood", "cnn").name == "cnn.card.json"
+    assert experiments.card_file("blood", "cnn", seed=2).name == "cnn_seed2.card.json"
+    assert experiments.card_file("blood", "cnn").parent == results_dir / "blood"
+
+
+def test_comparison_table_rows_and_anchors(results_dir, monkeypatch):
+    monkeypatch.setitem(experiments.SHIPPED, "breast", "b")
+    folder = results_dir / "breast"
+    folder.mkdir(parents=True)
+    metrics = {"accuracy": 0.8, "balanced_accuracy": 0.75, "auc": 0.9, "f1_macro": 0.7, "accuracy_at_0_5": 0.81,
+               "sensitivity": 0.9, "specificity": 0.6, "ci95": {"auc": [0.85, 0.95]}}
+    (folder / "a.card.json").write_text(json.dumps(_card("a", {"accuracy": 0.7, "auc": 0.8}, metrics, 600)))
+    (folder / "b.card.json").write_text(json.dumps(_card("b", {"accuracy": 0.9, "auc": 0.95}, metrics)))
+    (folder / "b_seed1.card.json").write_text(json.dumps(_card("b", {"accuracy": 0.1, "auc": 0.1}, metrics)))
+    table = experiments.comparison_table("breast")
+    rows = [line for line in table.splitlines() if line.startswith("| a ") or line.startswith("| **b**")]
+    assert len(rows) == 2  # seed cards feed the mean ± std line, not the table
+    assert "| 10 min |" in rows[0] and "0.9000 [0.850, 0.950]" in rows[0] and "0.8100" in rows[0]
+    assert rows[1].startswith("| **b** (shipped)")
+    for name, acc, auc in experiments.ANCHORS["breast"]:
+        assert name in table and f"{acc:.3f}" in table
+
+
+def test_seed_summary(results_dir):
+    folder = results_dir / "blood"
+    folder.mkdir(parents=True)
+    assert experiments.seed_summary("blood", "v") is None
+    for seed, acc in ((0, 0.90), (1, 0.92), (2, 0.94)):
+        (folder / experiments.card_file("blood", "v", seed).name).write_text(
+            json.dumps(_card("v", {}, {"accuracy": acc, "auc": 0.99})))
+    summary = experiments.seed_summary("blood", "v")
+    assert summary["seeds"] == 3
+    assert summary["accuracy"]["mean"] == pytest.approx(0.92)
+    assert summary["accuracy"]["std"] == pytest.approx(np.std([0.90, 0.92, 0.94], ddof=1))
+    assert summary["auc"]["std"] == pytest.approx(0.0)
+
+
+def test_replace_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
+    experiments.replace_between_markers(readme, "results", "new table\n")
+    assert readme.read_text() == "intro\n<!-- results:start -->\nnew table\n<!-- results:end -->\nrest\n"
+    experiments.replace_between_markers(readme, "benchmarks", "ignored")  # no such markers: unchanged
+    assert "ignored" not in readme.read_text()
+    experiments.replace_between_markers(tmp_path / "missing.md", "results", "x")  # no file: no error
+
+
+@pytest.mark.slow
+def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_path, monkeypatch, capsys):
+    """One tiny variant end to end through the CLI: train, evaluate val and test, card, report, ship."""
+    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny",
+                        experiments.TrainConfig(task="breast", epochs=1, widths=(8, 16), batch_size=32, verbose=0))
+    monkeypatch.setitem(experiments.SHIPPED, "breast", "tiny")
+    shipped = tmp_path / "shipped" / "model_breast.h5"
+    shipped.parent.mkdir()
+    monkeypatch.setitem(TASKS, "breast", dataclasses.replace(TASKS["breast"], default_model=str(shipped)))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)
+
+    code = main(["experiment", "--task", "breast", "--variant", "tiny", "--data-dir", str(fixture_data_dir),
+                 "--limit", "30", "--bootstrap", "20"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    card = json.loads((results_dir / "breast" / "tiny.card.json").read_text())
+    assert out["card"] == str(results_dir / "breast" / "tiny.card.json")
+    assert card["variant"] == "tiny" and "history" not in card["training"]
+    for split in ("val", "test"):
+        assert card[split]["split"] == split and 0.0 <= card[split]["auc"] <= 1.0
+        assert "auc" in card[split]["ci95"]
+    assert out["auc"] == card["test"]["auc"]
+    assert (results_dir.parent / "runs" / "breast" / "tiny.h5").exists()
+
+    assert main(["report"]) == 0
+    capsys.readouterr()
+    assert "| **tiny** (shipped)" in (results_dir / "comparison.md").read_text()
+    assert "| **tiny** (shipped)" in readme.read_text()
+
+    assert main(["ship", "--task", "breast", "--variant", "tiny"]) == 0
+    shipped_card = json.loads(shipped.with_suffix(".card.json").read_text())
+    assert shipped_card["variant"] == "tiny" and shipped_card["name"] == "model_breast"
+    assert shipped.with_suffix(".ood.npz").exists()
+    assert shipped_card["test"]["auc"] == card["test"]["auc"]
+
+
+# --------------------------------------------------------------------------- the committed results
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_shipped_variant_is_the_validation_choice(task):
+    """Selection uses validation only: the shipped variant has the best validation score of its task."""
+    key = "auc" if get_task(task).decision == "threshold" else "accuracy"
+    scores = {}
+    for path in sorted((experiments.RESULTS_DIR / task).glob("*.card.json")):
+        if "_seed" not in path.name:
+            card = json.loads(path.read_text())
+            scores[card.get("variant", path.stem)] = card["val"][key]
+    shipped = experiments.SHIPPED[task]
+    assert shipped in scores, f"no results card for the shipped variant {shipped}"
+    best = max(scores, key=scores.get)
+    assert scores[shipped] == scores[best], f"{task}: validation {key} prefers {best} ({scores[best]:.4f}) " \
+                                            f"over the shipped {shipped} ({scores[shipped]:.4f})"
+    shipped_card = json.loads(get_task(task).card_path.read_text())
+    assert shipped_card["variant"] == shipped
