@@ -29,7 +29,8 @@ MAX_ERRORS_SHOWN = 20
 def load_predictor(task: str):
     from medclassify.inference import configure_threads, get_predictor
 
-    # One intra-op thread halves single-image latency on a small server (benchmarks/RESULTS.md).
+    # One TensorFlow thread per op for Grad-CAM and multi-file batches (single images run on TFLite);
+    # benchmarks/RESULTS.md, "runtime settings", measures what it costs batch throughput.
     configure_threads(1)
     return get_predictor(task)
 

@@ -305,7 +305,6 @@ def trained_accuracy(task: str, widths=None, card_path=None) -> str:
     Speed does not depend on the weights, but the speed/accuracy trade does: each benchmarked
     architecture is labelled with the test accuracy its training variant reached, when one exists.
     """
-    from medclassify.cards import read_card
     from medclassify.experiments import RESULTS_DIR
 
     key = "accuracy" if task == "blood" else "auc"
@@ -314,7 +313,7 @@ def trained_accuracy(task: str, widths=None, card_path=None) -> str:
     for path in paths:
         if "_seed" in path.name or not path.exists():
             continue
-        card = json.loads(path.read_text()) if path.suffix == ".json" else read_card(path)
+        card = json.loads(path.read_text())
         config = (card.get("training") or {}).get("config") or {}
         if widths is not None and (config.get("model") != "cnn" or list(config.get("widths") or []) != list(widths)
                                    or (config.get("ensemble") or 1) != 1):

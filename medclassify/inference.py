@@ -148,10 +148,10 @@ def configure_threads(intra_op: Optional[int] = None, inter_op: Optional[int] = 
     """Set TensorFlow's thread pools; only possible before TensorFlow runs its first operation.
 
     With ``intra_op=None`` the value comes from ``$MEDCLASSIFY_TF_INTRA_OP_THREADS``
-    (nothing is changed when that is unset).  One intra-op thread is the
-    better choice for a server answering single images (the app): measured on
-    two contended cores it halves the single-image latency and costs no
-    batch throughput (``benchmarks/RESULTS.md``).  Returns True when the
+    (nothing is changed when that is unset).  Single images in a server run on
+    TensorFlow Lite, so this setting only touches TensorFlow work (batches,
+    Grad-CAM); ``benchmarks/RESULTS.md`` ("runtime settings") shows what one
+    intra-op thread costs in batch throughput.  Returns True when the
     setting was applied, False when there was nothing to set or it was too
     late (the process keeps TensorFlow's defaults then).
     """
@@ -212,8 +212,6 @@ class LiteSingleImage:
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._lock = threading.Lock()
-        self.threads = threads
-        self.size_bytes = len(blob)
         # TFLite orders outputs its own way: map them onto the Keras outputs by value on a probe image
         probe = np.random.default_rng(seed).integers(0, 256, (1, *input_shape)).astype(np.float32)
         expected = [np.asarray(t) for t in _as_list(keras_model([probe], training=False))]
@@ -231,7 +229,7 @@ class LiteSingleImage:
         with self._lock:
             self._interpreter.set_tensor(self._input, image)
             self._interpreter.invoke()
-            return [self._interpreter.get_tensor(i).copy() for i in outputs]
+            return [self._interpreter.get_tensor(i) for i in outputs]  # get_tensor returns a copy
 
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
         """``image``: (1, *input_shape) pixels 0..255 (any dtype) -> the Keras outputs as arrays."""
@@ -287,19 +285,21 @@ class Predictor:
         if runtime not in ("tflite", "tensorflow"):
             raise ValueError(f"single-image runtime must be 'tflite' or 'tensorflow', not {runtime!r}")
         self._serve_single = None
-        if runtime == "tflite" and self._serving_inputs != 1:
-            runtime = "tensorflow"  # a legacy graph with augmentation branches; see serving_model
-        if runtime == "tflite":
+        # a legacy graph with augmentation branches (see serving_model) stays on TensorFlow
+        if runtime == "tflite" and self._serving_inputs == 1:
             try:
                 self._serve_single = LiteSingleImage(self._serving_model, self.spec.input_shape)
             except Exception as exc:  # an op TFLite lacks, or outputs that disagree: TensorFlow is still correct
                 print(f"warning: single images use TensorFlow ({exc})", file=sys.stderr)
-                runtime = "tensorflow"
-        self.single_runtime = runtime
         self._float_lock = threading.Lock()
         self.ood = OODDetector.for_model(self.spec, self.model_path, self.card)
         if warm:
             self.warm_up()
+
+    @property
+    def single_runtime(self) -> str:
+        """What runs batches of one image: ``"tflite"`` or ``"tensorflow"``."""
+        return "tensorflow" if self._serve_single is None else "tflite"
 
     def compile(self, dtype: str = "uint8", jit_compile: bool = False, batch: Optional[int] = None):
         """A fresh concrete function over this predictor's serving graph (the benchmarks compare variants)."""
@@ -320,7 +320,7 @@ class Predictor:
             images = images[None]
         if images.dtype == np.uint8:
             if self._serve_single is not None and images.shape[0] == 1:
-                probs, feats = self._serve_single(images)
+                probs, feats = self._serve_single(images)  # already NumPy
                 return probs, feats
             probs, feats = self._serve_uint8(images)
         else:
