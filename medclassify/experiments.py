@@ -26,6 +26,9 @@ VARIANTS: dict[str, dict[str, TrainConfig]] = {
         "cnn_aug": TrainConfig(task="blood", augment=True, epochs=30, widths=(32, 64, 128)),
         "cnn_flips_wide": TrainConfig(task="blood", augment=True, augmentation="flips", epochs=24,
                                       widths=(64, 128, 256)),
+        # The three seed runs of cnn_flips_wide, logits averaged (reuses runs/blood/cnn_flips_wide*.h5).
+        "cnn_flips_wide_ens3": TrainConfig(task="blood", augment=True, augmentation="flips", epochs=24,
+                                           widths=(64, 128, 256), ensemble=3),
         "cnn_flips_small": TrainConfig(task="blood", augment=True, augmentation="flips", epochs=24,
                                        widths=(16, 32, 64)),
         "vgg16": TrainConfig(task="blood", model="vgg16", augment=True, augmentation="flips", epochs=1,
@@ -50,7 +53,7 @@ VARIANTS: dict[str, dict[str, TrainConfig]] = {
 }
 
 #: Which variant each shipped model comes from.
-SHIPPED = {"blood": "cnn_flips_wide", "breast": "cnn_ens5"}
+SHIPPED = {"blood": "cnn_flips_wide_ens3", "breast": "cnn_ens5"}
 
 
 def variant_config(task: str, variant: str, **overrides) -> TrainConfig:
@@ -66,18 +69,53 @@ def card_file(task: str, variant: str, seed: int = 0) -> Path:
     return RESULTS_DIR / task / f"{variant}{suffix}.card.json"
 
 
+_NOT_PART_OF_THE_RECIPE = ("data_dir", "verbose")
+
+
+def _recipe(config: dict) -> dict:
+    config = json.loads(json.dumps(config))  # the form a card stores (tuples become lists)
+    return {k: v for k, v in config.items() if k not in _NOT_PART_OF_THE_RECIPE}
+
+
+def matching_runs(cfg: TrainConfig) -> dict[int, Path]:
+    """Saved single runs in ``runs/`` that are members of the ensemble ``cfg`` (same recipe, member seed).
+
+    ``experiment --variant V_ens3`` then assembles the ensemble from the seed runs
+    of ``V`` instead of training them again; members without a matching run are trained.
+    """
+    from .cards import card_path
+    from .training import config_dict, member_seed
+
+    if cfg.ensemble <= 1:
+        return {}
+    recipes = {}
+    for path in sorted((RUNS_DIR / cfg.task).glob("*.h5")):
+        if card_path(path).exists():
+            recipes[path] = _recipe(json.loads(card_path(path).read_text()).get("training", {}).get("config", {}))
+    found = {}
+    for member in range(cfg.ensemble):
+        wanted = _recipe(config_dict(replace(cfg, ensemble=1, seed=member_seed(cfg, member))))
+        found.update({member: path for path, recipe in recipes.items() if recipe == wanted})
+    return found
+
+
 def run_variant(task: str, variant: str, seed: int = 0, data_dir: Optional[str] = None,
                 bootstrap: int = 1000, command: Optional[str] = None, **overrides) -> dict:
     """Train, evaluate on val and test, and write the variant's card.  Returns the card."""
-    from .cards import add_evaluation, read_card
+    from .cards import add_evaluation, read_card, write_card
     from .evaluation import evaluate
     from .ood import fit_ood
     from .training import save_trained, train
 
     cfg = variant_config(task, variant, seed=seed, data_dir=data_dir, **overrides)
     model_path = RUNS_DIR / task / f"{variant}{'' if seed == 0 else f'_seed{seed}'}.h5"
-    result = train(cfg)
+    reuse = matching_runs(cfg)
+    result = train(cfg, reuse=reuse)
     save_trained(result, model_path, command=command)
+    if reuse:
+        card = read_card(model_path)
+        card["training"]["members_reused"] = {str(m): str(p.relative_to(RUNS_DIR.parent)) for m, p in reuse.items()}
+        write_card(model_path, card)
     fit_ood(task, model_path, data_dir)
     for split in ("val", "test"):
         metrics = evaluate(task, model_path, split, data_dir, bootstrap=bootstrap)
@@ -162,6 +200,15 @@ def seed_summary(task: str, variant: str) -> Optional[dict]:
     return out
 
 
+def ensemble_member_variants(task: str, variant: str) -> set[str]:
+    """The variants whose seed runs an ensemble variant reused as members (from its results card)."""
+    path = card_file(task, variant)
+    if not path.exists():
+        return set()
+    reused = json.loads(path.read_text()).get("training", {}).get("members_reused") or {}
+    return {Path(run).stem.split("_seed")[0] for run in reused.values()}
+
+
 def write_report() -> Path:
     from .cards import read_card
 
@@ -182,12 +229,17 @@ def write_report() -> Path:
                       f"{check['test_flagged']:.1%} of the {check['n_test']} official test images, "
                       f"{check['cross_task_flagged']:.1%} of the {check['n_cross_task']} other-task test images and "
                       f"{check['photos_flagged']:.1%} of {check['n_photos']} photograph crops.", ""]
-        summary = seed_summary(task, SHIPPED[task])
-        if summary:
-            parts.append(f"Shipped configuration `{SHIPPED[task]}` over {summary['seeds']} seeds (test, mean ± std): "
-                         + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items()
-                                     if isinstance(v, dict)))
-            parts.append("")
+        members = ensemble_member_variants(task, SHIPPED[task])
+        for variant in VARIANTS[task]:
+            summary = seed_summary(task, variant)
+            if summary:
+                role = "Shipped configuration" if variant == SHIPPED[task] else "Configuration"
+                if variant in members:
+                    role = f"Members of the shipped `{SHIPPED[task]}`: configuration"
+                parts.append(f"{role} `{variant}` over {summary['seeds']} seeds (test, mean ± std): "
+                             + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary.items()
+                                         if isinstance(v, dict)))
+                parts.append("")
     out = RESULTS_DIR / "comparison.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(parts) + "\n"

@@ -202,11 +202,24 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
     return history.history, selector.best_epoch
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def member_seed(cfg: TrainConfig, member: int) -> int:
+    """The seed ensemble member ``member`` trains with (member 0 of seed 0 is the seed-0 single run)."""
+    return cfg.seed * 1000 + member
+
+
+def train(cfg: TrainConfig, reuse: Optional[dict[int, str | os.PathLike]] = None) -> TrainResult:
+    """Train ``cfg``; for an ensemble, ``reuse`` maps member indices to saved runs to load instead.
+
+    A reused member must be a single run of the same recipe with ``member_seed``
+    (``experiments.matching_runs`` finds them), so an ensemble assembled from
+    seed runs is the model this function would have trained.  Its recorded wall
+    time is the members' training time plus the assembly.
+    """
     from .evaluation import compute_metrics
     from .models import build_ensemble, inference_model, with_temperature
 
     start = time.time()
+    reused_wall_time = 0.0
     spec = get_task(cfg.task)
     set_seed(cfg.seed)
     train_split = load_split(spec, "train", data_dir=cfg.data_dir)
@@ -222,8 +235,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.ensemble > 1:
         members, history, best_epoch = [], {}, []
         for member in range(cfg.ensemble):
-            set_seed(cfg.seed * 1000 + member)
-            model, member_history, member_best = _train_single(cfg, spec, train_split, val_split, class_weight)
+            if reuse and member in reuse:
+                model, member_history, member_best, member_wall_time = _load_run(reuse[member])
+                reused_wall_time += member_wall_time
+            else:
+                set_seed(member_seed(cfg, member))
+                model, member_history, member_best = _train_single(cfg, spec, train_split, val_split,
+                                                                   class_weight)
             members.append(inference_model(model))
             history[f"member{member}"] = member_history
             best_epoch.append(member_best)
@@ -244,7 +262,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     history = _floats(history)
     return TrainResult(model=model, config=cfg, history=history, best_epoch=best_epoch,
                        temperature=temperature, threshold=threshold, val_metrics=val_metrics,
-                       wall_time_s=time.time() - start)
+                       wall_time_s=time.time() - start + reused_wall_time)
+
+
+def _load_run(path: str | os.PathLike):
+    """A saved run as (model, history, best epoch, training wall time), from the model and its card."""
+    from .cards import read_card
+    from .models import load_model
+
+    training = read_card(path).get("training", {})
+    return (load_model(path), training.get("history", {}), training.get("best_epoch"),
+            float(training.get("wall_time_s", 0.0)))
 
 
 def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_split: Split, class_weight):

@@ -157,6 +157,14 @@ VARIANT_TEXT = {
         symmetries -- horizontal and vertical flips and whole-pixel shifts (nearest-neighbour) -- and doubles
         the channel widths of every stage.  It costs about four times the arithmetic per image of `cnn_aug`.
     """,
+    ("blood", "cnn_flips_wide_ens3"): """
+        ### `cnn_flips_wide_ens3`: three seeds of `cnn_flips_wide`, averaged
+
+        The same recipe trained with seeds 0, 1 and 2, shipped as one model that averages the members'
+        logits; the temperature is fitted on the averaged output.  `experiment` assembles it from the seed
+        runs in `runs/` when they exist (the runs that also give the seed summary below) and trains only
+        the missing members.  It costs three times the arithmetic per image of a single member.
+    """,
     ("blood", "cnn_flips_small"): """
         ### `cnn_flips_small`: a quarter of the width
 

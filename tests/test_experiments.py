@@ -85,6 +85,27 @@ def test_seed_summary(results_dir):
     assert summary["auc"]["std"] == pytest.approx(0.0)
 
 
+def _fake_run(runs: "Path", name: str, cfg) -> None:
+    from medclassify.training import config_dict
+
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / f"{name}.h5").write_bytes(b"")
+    (runs / f"{name}.card.json").write_text(json.dumps({"training": {"config": config_dict(cfg)}}))
+
+
+def test_matching_runs_finds_the_seed_runs_of_an_ensemble(results_dir):
+    base = experiments.TrainConfig(task="blood", epochs=3, widths=(8, 16), verbose=0)
+    ensemble = dataclasses.replace(base, ensemble=3, verbose=2, data_dir="/elsewhere")
+    runs = experiments.RUNS_DIR / "blood"
+    _fake_run(runs, "v", base)  # seed 0 = member 0
+    _fake_run(runs, "v_seed2", dataclasses.replace(base, seed=2))  # member 2
+    _fake_run(runs, "other_seed1", dataclasses.replace(base, seed=1, epochs=4))  # another recipe
+    _fake_run(runs, "v_ens", ensemble)  # the ensemble itself is not a member
+    assert experiments.matching_runs(ensemble) == {0: runs / "v.h5", 2: runs / "v_seed2.h5"}
+    assert experiments.matching_runs(base) == {}  # a single run has no members
+    assert experiments.matching_runs(dataclasses.replace(ensemble, seed=1)) == {}  # members 1000, 1001, 1002
+
+
 def test_replace_between_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
@@ -131,6 +152,42 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     assert shipped_card["variant"] == "tiny" and shipped_card["name"] == "model_breast"
     assert shipped.with_suffix(".ood.npz").exists()
     assert shipped_card["test"]["auc"] == card["test"]["auc"]
+
+
+@pytest.mark.slow
+def test_ensemble_variant_reuses_the_seed_runs(results_dir, fixture_data_dir, tmp_path, monkeypatch, capsys):
+    """``experiment`` on an ensemble loads the matching seed runs instead of training them again."""
+    from medclassify import training
+
+    tiny = experiments.TrainConfig(task="blood", epochs=1, widths=(8, 16), batch_size=32, verbose=0)
+    monkeypatch.setitem(experiments.VARIANTS["blood"], "tiny", tiny)
+    monkeypatch.setitem(experiments.VARIANTS["blood"], "tiny_ens2", dataclasses.replace(tiny, ensemble=2))
+    common = ["--task", "blood", "--data-dir", str(fixture_data_dir), "--limit", "40", "--bootstrap", "10"]
+    for seed in ("0", "1"):
+        assert main(["experiment", "--variant", "tiny", "--seed", seed, *common]) == 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a member with a matching seed run was trained again")
+
+    monkeypatch.setattr(training, "_train_single", no_training)
+    assert main(["experiment", "--variant", "tiny_ens2", *common]) == 0
+    capsys.readouterr()
+    card = json.loads((results_dir / "blood" / "tiny_ens2.card.json").read_text())
+    assert card["training"]["members_reused"] == {"0": "runs/blood/tiny.h5", "1": "runs/blood/tiny_seed1.h5"}
+    members = [json.loads((results_dir / "blood" / name).read_text()) for name in
+               ("tiny.card.json", "tiny_seed1.card.json")]
+    assert card["training"]["wall_time_s"] >= sum(m["training"]["wall_time_s"] for m in members)
+    assert card["training"]["best_epoch"] == [m["training"]["best_epoch"] for m in members]
+    assert 0.0 <= card["test"]["accuracy"] <= 1.0
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)
+    assert main(["report"]) == 0
+    assert "Configuration `tiny` over 2 seeds (test, mean ± std): accuracy" in readme.read_text()
+    assert experiments.ensemble_member_variants("blood", "tiny_ens2") == {"tiny"}
+    assert experiments.ensemble_member_variants("blood", "tiny") == set()
+    assert experiments.ensemble_member_variants("blood", "missing") == set()
 
 
 # --------------------------------------------------------------------------- the committed results

@@ -18,10 +18,10 @@ from medclassify.registry import get_task
 
 pytestmark = pytest.mark.realdata
 
-#: Test-split metrics the shipped models must exceed (raise them as the models improve): the foundation
-#: issue's bars (blood accuracy > 0.945, breast AUC > 0.913, the reference project's numbers) and the
-#: model issue's blood AUC bar (0.998).
-THRESHOLDS = {"blood": {"accuracy": 0.945, "auc": 0.998}, "breast": {"auc": 0.913}}
+#: Test-split metrics the shipped models must reach (raise them as the models improve): the model issue's
+#: blood bars (accuracy >= 0.975, AUC >= 0.998) and, for breast, the foundation issue's AUC bar (the
+#: reference project's 0.913; the model issue's 0.93 is not reached yet, see the README).
+THRESHOLDS = {"blood": {"accuracy": 0.975, "auc": 0.998}, "breast": {"auc": 0.913}}
 #: Minimum agreement of ``predict`` on 28-px JPEG copies (quality 95) of the blood test images with the true labels.
 BLOOD_JPEG_AGREEMENT = 0.93
 CLI_FILES = 300
@@ -43,10 +43,10 @@ def test_shipped_model_meets_its_thresholds(capsys, realdata_dir, task):
     assert metrics["model"] == str(spec.model_path)
     assert metrics["split"] == "test" and metrics["n"] == OFFICIAL_TEST_SIZE[task]
     shortfalls = {name: (round(metrics[name], 4), minimum) for name, minimum in THRESHOLDS[task].items()
-                  if not metrics[name] > minimum}
+                  if not metrics[name] >= minimum}
     assert not shortfalls, (
         f"{spec.model_path.name} on the official {task} test split (n={metrics['n']}): "
-        + ", ".join(f"{name} {value} is not above {minimum}" for name, (value, minimum) in shortfalls.items()))
+        + ", ".join(f"{name} {value} is below {minimum}" for name, (value, minimum) in shortfalls.items()))
 
 
 def test_blood_predict_on_jpeg_copies_of_the_test_split(capsys, realdata_dir, tmp_path):
