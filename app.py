@@ -27,11 +27,12 @@ MAX_ERRORS_SHOWN = 20
 
 @st.cache_resource(show_spinner="Loading the model (once)…")
 def load_predictor(task: str):
-    from medclassify.inference import configure_threads, get_predictor
+    from medclassify.inference import get_predictor
 
-    # One TensorFlow thread per op for Grad-CAM and multi-file batches (single images run on TFLite);
-    # benchmarks/RESULTS.md, "runtime settings", measures what it costs batch throughput.
-    configure_threads(1)
+    # TensorFlow keeps its default thread pools (or $MEDCLASSIFY_TF_INTRA_OP_THREADS): one intra-op
+    # thread cost multi-file batches about 45% of their throughput (benchmarks/RESULTS.md, "runtime
+    # settings") and, measured once, did not make Grad-CAM faster (blood 15 ms against 10-13 ms).
+    # Single images run on TFLite either way.
     return get_predictor(task)
 
 
