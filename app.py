@@ -30,7 +30,7 @@ def load_predictor(task: str):
     from medclassify.inference import get_predictor
 
     # TensorFlow keeps its default thread pools (or $MEDCLASSIFY_TF_INTRA_OP_THREADS): one intra-op
-    # thread cost multi-file batches about 45% of their throughput (benchmarks/RESULTS.md, "runtime
+    # thread cost multi-file batches 40-45% of their throughput (benchmarks/RESULTS.md, "runtime
     # settings") and, measured once, did not make Grad-CAM faster (blood 15 ms against 10-13 ms).
     # Single images run on TFLite either way.
     return get_predictor(task)

@@ -203,7 +203,7 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
 
 
 def member_seed(cfg: TrainConfig, member: int) -> int:
-    """The seed ensemble member ``member`` trains with (member 0 of seed 0 is the seed-0 single run)."""
+    """The seed ensemble member ``member`` trains with: seed 0's members use seeds 0, 1, 2, … like single runs."""
     return cfg.seed * 1000 + member
 
 
