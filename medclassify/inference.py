@@ -240,9 +240,9 @@ def _as_list(outputs) -> list:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def serving_runtime() -> str:
-    """The single-image runtime of long-lived servers: ``$MEDCLASSIFY_SINGLE_IMAGE_RUNTIME``, else TFLite."""
-    return os.environ.get(SINGLE_RUNTIME_ENV, "").strip().lower() or "tflite"
+def serving_runtime(default: str = "tflite") -> str:
+    """The single-image runtime: ``$MEDCLASSIFY_SINGLE_IMAGE_RUNTIME``, else ``default`` (TFLite, for servers)."""
+    return os.environ.get(SINGLE_RUNTIME_ENV, "").strip().lower() or default
 
 
 class Predictor:
@@ -281,7 +281,7 @@ class Predictor:
         self._serving_model, self._serving_inputs = serving_model(self.model)
         self._serve_uint8 = self.compile("uint8")
         self._serve_float = None  # traced on first use: only for callers that pass float pixels
-        runtime = (single_image_runtime or os.environ.get(SINGLE_RUNTIME_ENV, "") or "tensorflow").strip().lower()
+        runtime = (single_image_runtime or serving_runtime(default="tensorflow")).strip().lower()
         if runtime not in ("tflite", "tensorflow"):
             raise ValueError(f"single-image runtime must be 'tflite' or 'tensorflow', not {runtime!r}")
         self._serve_single = None
@@ -320,8 +320,7 @@ class Predictor:
             images = images[None]
         if images.dtype == np.uint8:
             if self._serve_single is not None and images.shape[0] == 1:
-                probs, feats = self._serve_single(images)  # already NumPy
-                return probs, feats
+                return tuple(self._serve_single(images))  # already NumPy
             probs, feats = self._serve_uint8(images)
         else:
             probs, feats = self._float_function()(images.astype(np.float32, copy=False))
