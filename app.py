@@ -342,6 +342,7 @@ def about_tab(task: str, predictor) -> None:
             with st.expander("Per-class precision, recall and F1"):
                 st.dataframe(per_class, hide_index=True, width="stretch", height=_table_height(len(per_class)))
 
+    st.markdown(f"**How answers are computed.** {aps.serving_text(card, predictor.precision)}")
     calibration = card.get("calibration") or {}
     if calibration.get("temperature") is not None:
         st.markdown(f"**Calibration.** {calibration.get('method', 'temperature scaling')}; "

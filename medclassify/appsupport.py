@@ -360,6 +360,23 @@ def decision_text(card: dict, spec: TaskSpec, threshold: Optional[float]) -> str
     return "The class with the highest calibrated probability."
 
 
+def serving_text(card: dict, precision: str) -> str:
+    """How the answers on screen are computed: the int8 serving copy (and how it compares) or the float model."""
+    serving = (card or {}).get("serving") or {}
+    if precision != "int8" or not serving:
+        return "Predictions come from the model itself (float), whose test results are shown above."
+    text = (f"Predictions come from an int8 copy of the model ({serving.get('runtime', 'TensorFlow Lite')}), "
+            "about three times faster.")
+    test = serving.get("test") or {}
+    if test.get("n"):
+        metrics = test.get("int8_metrics") or {}
+        shown = ", ".join(f"{METRIC_NAMES.get(k, k).lower()} {metrics[k]:.4f}" for k in ("accuracy", "auc")
+                          if k in metrics)
+        text += (f" It makes the same decision as the model above on {test['n'] - test['decisions_changed']} of "
+                 f"{test['n']} test images" + (f" ({shown})." if shown else "."))
+    return text + " Grad-CAM explains the float model."
+
+
 def csv_name(task: str) -> str:
     return f"medclassify_{task}_results.csv"
 

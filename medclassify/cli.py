@@ -108,8 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="model file (default: the shipped model)")
     c.add_argument("--write-card", action="store_true", help="store the rates in the model card")
 
-    s = sub.add_parser("ship", help="copy a trained variant to the shipped model files (model_<task>.h5 + card + OOD)")
+    q = sub.add_parser("quantize", help="write the int8 serving copy of a model (<model>.int8.tflite), compare it "
+                                        "with the float model on val and test, refit the OOD statistics")
+    task_arg(q)
+    data_arg(q)
+    q.add_argument("--model", help="model file (default: the shipped model)")
+
+    s = sub.add_parser("ship", help="copy a trained variant to the shipped model files (model_<task>.h5 + card + OOD), "
+                                    "then quantize it")
     task_arg(s)
+    data_arg(s)
     s.add_argument("--variant", help="default: the registry's shipped variant")
     s.add_argument("--seed", type=int, default=0)
     return parser
@@ -121,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
                "fit-ood": _fit_ood, "experiment": _experiment, "report": _report,
-               "ship": _ship, "ood-check": _ood_check}[args.command]
+               "ship": _ship, "ood-check": _ood_check, "quantize": _quantize}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -266,10 +274,22 @@ def _ship(args) -> int:
     from .experiments import ship
 
     try:
-        print(ship(args.task, args.variant, args.seed))
-    except FileNotFoundError as exc:
+        print(ship(args.task, args.variant, args.seed, data_dir=args.data_dir))
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _quantize(args) -> int:
+    from .experiments import quantize_and_refit
+
+    try:
+        section = quantize_and_refit(args.task, args.model, args.data_dir, command=_command_line(args))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(section))
     return 0
 
 

@@ -10,6 +10,7 @@ comparison table therefore comes from one documented command.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -209,6 +210,23 @@ def ensemble_member_variants(task: str, variant: str) -> set[str]:
     return {Path(run).stem.split("_seed")[0] for run in reused.values()}
 
 
+def serving_line(card: dict) -> str:
+    """One sentence on the shipped model's int8 serving copy (what the app and CLI answer with), or ''."""
+    serving = card.get("serving") or {}
+    if not serving.get("test"):
+        return ""
+    keys = ["accuracy", "auc"] + (["sensitivity", "specificity", "accuracy_at_0_5"]
+                                  if "sensitivity" in serving["test"]["int8_metrics"] else [])
+    text = [f"Served int8 copy of the shipped model (`{serving['command']}`; activation ranges from "
+            f"{serving['calibration']['images']} training images): "]
+    for split in ("val", "test"):
+        part = serving[split]
+        metrics = part["int8_metrics"]
+        text.append(f"{split}: {part['decisions_changed']} of {part['n']} decisions differ from the float model's, "
+                    + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + ("; " if split == "val" else "."))
+    return "".join(text)
+
+
 def write_report() -> Path:
     from .cards import read_card
 
@@ -229,6 +247,9 @@ def write_report() -> Path:
                       f"{check['test_flagged']:.1%} of the {check['n_test']} official test images, "
                       f"{check['cross_task_flagged']:.1%} of the {check['n_cross_task']} other-task test images and "
                       f"{check['photos_flagged']:.1%} of {check['n_photos']} photograph crops.", ""]
+        served = serving_line(shipped)
+        if served:
+            parts += [served, ""]
         members = ensemble_member_variants(task, SHIPPED[task])
         for variant in VARIANTS[task]:
             summary = seed_summary(task, variant)
@@ -261,12 +282,25 @@ def replace_between_markers(path: Path, name: str, body: str) -> None:
     path.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
 
 
-def ship(task: str, variant: Optional[str] = None, seed: int = 0) -> Path:
-    """Copy a trained variant (model, card, OOD statistics) to the task's shipped model files."""
+def quantize_and_refit(task: str, model_path=None, data_dir=None, command: str = "") -> dict:
+    """Write the int8 serving copy (``quantization.quantize``), then refit the OOD statistics on the
+    features it serves.  Returns the card's ``serving`` section."""
+    from .ood import fit_ood
+    from .quantization import quantize
+
+    section = quantize(task, model_path, data_dir, command=command)
+    fit_ood(task, model_path, data_dir)
+    return section
+
+
+def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None) -> Path:
+    """Copy a trained variant (model, card, OOD statistics) to the task's shipped model files, then
+    write its int8 serving copy (``quantize_and_refit``)."""
     import shutil
 
     from .cards import card_path, read_card, write_card
     from .ood import ood_path
+    from .quantization import head_path, quantized_path
 
     spec = get_task(task)
     variant = variant or SHIPPED[task]
@@ -288,4 +322,11 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0) -> Path:
         card["ood"]["statistics_file"] = ood_path(target).name
     card["training"].pop("history", None)
     write_card(target, card)
+    for stale in (quantized_path(target), head_path(target)):  # the previous model's int8 copy
+        stale.unlink(missing_ok=True)
+    try:
+        quantize_and_refit(task, target, data_dir, command=f"python -m medclassify ship --task {task} "
+                                                           f"--variant {variant}" + (f" --seed {seed}" if seed else ""))
+    except ValueError as exc:  # the float model is shipped and served; say why there is no int8 copy
+        print(f"warning: {exc}", file=sys.stderr)
     return target

@@ -39,12 +39,12 @@ import numpy as np
 
 from .cards import read_card
 from .preprocessing import ImageError, ImageLike, Prepared, prepare
+from .quantization import lite_threads, load_quantized, serving_precision
 from .registry import TaskSpec, get_task
 
 #: Environment variables read by ``configure_threads`` when a process builds its first ``Predictor``.
 THREADS_ENV = "MEDCLASSIFY_TF_INTRA_OP_THREADS"
 SINGLE_RUNTIME_ENV = "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME"  # "tflite" (default) or "tensorflow"
-LITE_THREADS_ENV = "MEDCLASSIFY_TFLITE_THREADS"
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"}
 FEATURE_LAYER = "pool"
@@ -205,7 +205,7 @@ class LiteSingleImage:
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel export to stdout
             blob = tf.lite.TFLiteConverter.from_keras_model(keras_model).convert()
         if threads is None:
-            threads = int(os.environ.get(LITE_THREADS_ENV, "0") or 0) or min(os.cpu_count() or 1, 4)
+            threads = lite_threads()
         with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to the ai-edge-litert package
             warnings.simplefilter("ignore")
             self._interpreter = tf.lite.Interpreter(model_content=blob, num_threads=threads)
@@ -249,7 +249,13 @@ class Predictor:
     """One loaded model of one task, ready to classify images quickly.
 
     Thread-safe: the compiled functions and the OOD detector hold no per-call
-    state, so one instance serves every session of the app.
+    state, and the TFLite interpreters are behind locks, so one instance serves
+    every session of the app.
+
+    When the card lists an int8 copy of the model (``quantization``) whose
+    SHA-256 matches, that copy serves every call, single images and batches
+    alike, so both give the same numbers; ``MEDCLASSIFY_SERVING_PRECISION=float``
+    turns it off.  ``precision`` tells which one is in use.  Without it:
 
     ``single_image_runtime`` picks what runs batches of one image (``predict``
     and ``predict_arrays``): ``"tflite"`` (``LiteSingleImage``: 2-3x faster
@@ -279,14 +285,20 @@ class Predictor:
         if self.threshold is None and self.spec.decision == "threshold":
             self.threshold = self.spec.default_threshold
         self._serving_model, self._serving_inputs = serving_model(self.model)
-        self._serve_uint8 = self.compile("uint8")
-        self._serve_float = None  # traced on first use: only for callers that pass float pixels
+        self._serve_uint8 = None  # TensorFlow graphs, traced on first use: the int8 model usually serves
+        self._serve_float = None
+        self._quantized = None
+        self._serve_single = None
+        if serving_precision() == "int8":
+            try:
+                self._quantized = load_quantized(self.model_path, self.card)
+            except Exception as exc:  # a damaged file: the float model is still correct
+                print(f"warning: serving the float model ({exc})", file=sys.stderr)
         runtime = (single_image_runtime or serving_runtime(default="tensorflow")).strip().lower()
         if runtime not in ("tflite", "tensorflow"):
             raise ValueError(f"single-image runtime must be 'tflite' or 'tensorflow', not {runtime!r}")
-        self._serve_single = None
         # a legacy graph with augmentation branches (see serving_model) stays on TensorFlow
-        if runtime == "tflite" and self._serving_inputs == 1:
+        if self._quantized is None and runtime == "tflite" and self._serving_inputs == 1:
             try:
                 self._serve_single = LiteSingleImage(self._serving_model, self.spec.input_shape)
             except Exception as exc:  # an op TFLite lacks, or outputs that disagree: TensorFlow is still correct
@@ -297,8 +309,15 @@ class Predictor:
             self.warm_up()
 
     @property
+    def precision(self) -> str:
+        """``"int8"`` when the card's quantised file serves every call, else ``"float"``."""
+        return "float" if self._quantized is None else "int8"
+
+    @property
     def single_runtime(self) -> str:
-        """What runs batches of one image: ``"tflite"`` or ``"tensorflow"``."""
+        """What runs batches of one image: ``"tflite-int8"``, ``"tflite"`` or ``"tensorflow"``."""
+        if self._quantized is not None:
+            return "tflite-int8"
         return "tensorflow" if self._serve_single is None else "tflite"
 
     def compile(self, dtype: str = "uint8", jit_compile: bool = False, batch: Optional[int] = None):
@@ -318,9 +337,14 @@ class Predictor:
         images = np.asarray(images)
         if images.ndim == len(self.spec.input_shape):
             images = images[None]
+        if self._quantized is not None:
+            return self._quantized(images)
         if images.dtype == np.uint8:
             if self._serve_single is not None and images.shape[0] == 1:
                 return tuple(self._serve_single(images))  # already NumPy
+            with self._float_lock:
+                if self._serve_uint8 is None:
+                    self._serve_uint8 = self.compile("uint8")
             probs, feats = self._serve_uint8(images)
         else:
             probs, feats = self._float_function()(images.astype(np.float32, copy=False))

@@ -288,14 +288,20 @@ def build_ensemble(members: list, name: Optional[str] = None):
     return keras.Model(inputs, probabilities, name=name or "ensemble")
 
 
-def feature_tensor(model):
-    """The pooled features the OOD rule uses: ``pool``, or the members' pools side by side."""
+def pooled_features(model) -> list:
+    """The pooled-feature tensors of ``model``: ``[pool]``, or each ensemble member's pool in layer order."""
     try:
-        return model.get_layer("pool").output
+        return [model.get_layer("pool").output]
     except ValueError:
         pass
     pools = [layer.output for layer in model.layers if layer.name.endswith("_pool")
              and isinstance(layer, _keras().layers.GlobalAveragePooling2D)]
     if not pools:
         raise ValueError(f"model {model.name} has no pooled feature layer")
+    return pools
+
+
+def feature_tensor(model):
+    """The pooled features the OOD rule uses: ``pool``, or the members' pools side by side."""
+    pools = pooled_features(model)
     return pools[0] if len(pools) == 1 else _keras().layers.Concatenate(name="pool_features")(pools)

@@ -292,7 +292,9 @@ def test_about_the_model(task):
     assert any("not a medical device" in w.value for w in at.warning)
     from medclassify.inference import get_predictor
 
-    command = aps.training_command(get_predictor(task).card)
+    predictor = get_predictor(task)
+    assert f"**How answers are computed.** {aps.serving_text(predictor.card, predictor.precision)}" in markdown
+    command = aps.training_command(predictor.card)
     if command:
         assert any(command in c.value for c in at.code)
     if get_predictor(task).card.get("test") is None:

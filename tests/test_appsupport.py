@@ -333,6 +333,17 @@ def test_confusion_and_per_class_frames():
     assert aps.per_class_frame({}) is None
 
 
+def test_serving_text_says_which_model_answers():
+    card = {"serving": {"runtime": "TensorFlow Lite int8", "test": {"n": 156, "decisions_changed": 1,
+                                                                     "int8_metrics": {"accuracy": 0.878, "auc": 0.927}}}}
+    text = aps.serving_text(card, "int8")
+    assert "int8 copy" in text and "155 of 156 test images" in text and "auc 0.9270" in text
+    assert "Grad-CAM explains the float model" in text
+    # served in float (asked for, or the copy did not match its card): say so, whatever the card lists
+    assert "float" in aps.serving_text(card, "float") and "int8" not in aps.serving_text(card, "float")
+    assert "float" in aps.serving_text({}, "int8")
+
+
 def test_decision_text_and_training_command():
     breast, blood = get_task("breast"), get_task("blood")
     text = aps.decision_text(CARD, breast, 0.2)

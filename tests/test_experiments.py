@@ -147,11 +147,21 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     assert "| **tiny** (shipped)" in (results_dir / "comparison.md").read_text()
     assert "| **tiny** (shipped)" in readme.read_text()
 
-    assert main(["ship", "--task", "breast", "--variant", "tiny"]) == 0
+    from medclassify import quantization
+
+    stale = shipped.with_suffix(".int8.tflite")
+    stale.write_bytes(b"the previous model's int8 copy")
+    # the tiny model is close to random, so quantisation may move many decisions: accept any number here
+    monkeypatch.setattr(quantization, "allowed_changes", lambda n: n)
+    assert main(["ship", "--task", "breast", "--variant", "tiny", "--data-dir", str(fixture_data_dir)]) == 0
     shipped_card = json.loads(shipped.with_suffix(".card.json").read_text())
     assert shipped_card["variant"] == "tiny" and shipped_card["name"] == "model_breast"
     assert shipped.with_suffix(".ood.npz").exists()
     assert shipped_card["test"]["auc"] == card["test"]["auc"]
+    serving = shipped_card["serving"]  # ship writes the int8 serving copy of the new model
+    assert serving["command"] == "python -m medclassify ship --task breast --variant tiny"
+    assert stale.read_bytes() != b"the previous model's int8 copy"
+    assert {serving["file"], serving["head_file"]} == {stale.name, shipped.with_suffix(".head.tflite").name}
 
 
 @pytest.mark.slow

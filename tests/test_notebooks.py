@@ -98,7 +98,8 @@ def test_notebook_runs_in_smoke_mode(run_notebooks, tmp_path, task):
 
     notebook = run_notebooks.NOTEBOOKS[task]
     model = get_task(task).model_path
-    protected = [notebook, model, model.with_suffix(".card.json"), model.with_suffix(".ood.npz")]
+    protected = [notebook, model, model.with_suffix(".card.json"), model.with_suffix(".ood.npz"),
+                 model.with_suffix(".int8.tflite"), model.with_suffix(".head.tflite")]
     before = {path: path.read_bytes() for path in protected if path.exists()}
 
     out = tmp_path / notebook.name

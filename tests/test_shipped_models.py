@@ -88,3 +88,28 @@ def test_blood_predict_on_jpeg_copies_of_the_test_split(capsys, realdata_dir, tm
     assert agreement >= BLOOD_JPEG_AGREEMENT, (
         f"predict on JPEG copies agrees with the true label on {agreement:.4f} of {len(paths)} blood test images "
         f"(CLI subset: {cli_agreement:.4f} of {CLI_FILES}); required {BLOOD_JPEG_AGREEMENT}")
+
+
+@pytest.mark.parametrize("task", sorted(THRESHOLDS))
+def test_shipped_model_is_served_by_its_int8_copy_which_meets_the_same_bars(realdata_dir, task):
+    """What the app and CLI serve (the int8 copy) reproduces its card's numbers and meets the model's bars."""
+    from medclassify.cards import read_card
+    from medclassify.data import load_split
+    from medclassify.evaluation import compute_metrics
+    from medclassify.inference import Predictor
+    from medclassify.quantization import allowed_changes
+
+    spec = get_task(task)
+    predictor = Predictor(task, warm=False)
+    assert predictor.precision == "int8", f"{spec.model_path.name}'s int8 copy is missing or does not match its card"
+    serving = read_card(spec.model_path)["serving"]
+    assert serving["val"]["decisions_changed"] <= allowed_changes(serving["val"]["n"])
+    assert serving["calibration"]["split"] == "train"
+    test = load_split(task, "test", data_dir=realdata_dir, download=False)
+    probs = np.concatenate([predictor.predict_arrays(test.images[i:i + 256])[0] for i in range(0, len(test.images), 256)])
+    metrics = compute_metrics(spec, test.labels, probs, threshold=predictor.threshold)
+    for name, value in serving["test"]["int8_metrics"].items():
+        assert metrics[name] == pytest.approx(value, abs=1e-6), name
+    shortfalls = {name: round(metrics[name], 4) for name, minimum in THRESHOLDS[task].items()
+                  if not metrics[name] >= minimum}
+    assert not shortfalls, f"the served int8 {task} model on the official test split: {shortfalls}"

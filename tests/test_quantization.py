@@ -1,0 +1,139 @@
+"""The int8 serving copy (``medclassify.quantization``) and how ``Predictor`` picks it up."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from medclassify import quantization
+from medclassify.cards import card_path, read_card
+from medclassify.cli import main
+from medclassify.inference import Predictor
+from medclassify.models import build_cnn, build_ensemble, load_model
+from medclassify.ood import ood_path
+from medclassify.registry import get_task
+
+
+def _copy_model(source, folder):
+    """The tiny model with its card and OOD statistics in a folder of its own (quantize writes beside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    for path, out in ((source, target), (card_path(source), card_path(target)), (ood_path(source), ood_path(target))):
+        shutil.copyfile(path, out)
+    return target
+
+
+def _pixels(task: str, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *get_task(task).input_shape)).astype(np.uint8)
+
+
+@pytest.fixture
+def quantized(tiny_models, fixture_data_dir, tmp_path, monkeypatch):
+    """A copy of the tiny blood model with its int8 serving copy (any number of changed decisions accepted:
+    the tiny model is close to random, so many of its decisions sit on a boundary)."""
+    monkeypatch.setattr(quantization, "allowed_changes", lambda n: n)
+    path = _copy_model(tiny_models["blood"].path, tmp_path / "model")
+    section = quantization.quantize("blood", path, str(fixture_data_dir))
+    return path, section
+
+
+def test_allowed_changes_is_one_percent_but_at_least_one():
+    assert quantization.allowed_changes(78) == 1  # BreastMNIST validation
+    assert quantization.allowed_changes(1712) == 17  # BloodMNIST validation
+    assert quantization.allowed_changes(0) == 1
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_backbone_and_head_reproduce_the_model(members):
+    """Cutting at the pooled features loses nothing, for a single CNN and for an ensemble."""
+    models = [build_cnn("blood", augment=False, widths=(4, 8), name=f"m{i}") for i in range(members)]
+    model = models[0] if members == 1 else build_ensemble(models)
+    backbone, head = quantization.split_at_features(model)
+    x = _pixels("blood", 5).astype(np.float32)
+    features = backbone(x, training=False)
+    assert features.shape == (5, 8 * members)
+    np.testing.assert_allclose(head(features, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
+
+
+def test_quantize_writes_the_copy_and_its_comparison(quantized):
+    path, section = quantized
+    card = read_card(path)
+    assert card["serving"] == json.loads(json.dumps(section))
+    for key in ("file", "head_file"):
+        blob = (path.parent / section[key]).read_bytes()
+        assert len(blob) == section[key.replace("file", "bytes")] > 0
+    assert section["calibration"]["split"] == "train"  # activation ranges never come from val or test
+    for split in ("val", "test"):
+        part = section[split]
+        assert part["n"] > 0 and 0 <= part["decisions_changed"] <= part["n"]
+        assert part["decision_agreement"] == pytest.approx(1 - part["decisions_changed"] / part["n"])
+        assert 0.0 <= part["int8_metrics"]["accuracy"] <= 1.0
+
+
+def test_predictor_serves_the_copy_for_single_images_and_batches(quantized):
+    path, _ = quantized
+    predictor = Predictor("blood", path)
+    assert predictor.precision == "int8" and predictor.single_runtime == "tflite-int8"
+    x = _pixels("blood", 6, seed=3)
+    probs, feats = predictor.predict_arrays(x)
+    assert probs.shape == (6, 8) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # the float head: not int8-rounded
+    assert not np.allclose(probs * 256, np.round(probs * 256))  # not rounded to 1/256 steps
+    single, single_feats = predictor.predict_arrays(x[2])
+    np.testing.assert_allclose(single[0], probs[2], rtol=1e-5, atol=1e-6)  # one image = its row of a batch
+    np.testing.assert_allclose(single_feats[0], feats[2], rtol=1e-5, atol=1e-6)
+    float_probs = load_model(path)(x.astype(np.float32), training=False).numpy()
+    assert np.abs(probs - float_probs).max() < 0.1  # close to the float model, not equal
+    empty_probs, empty_feats = predictor.predict_arrays(np.zeros((0, 28, 28, 3), np.uint8))
+    assert empty_probs.shape == (0, 8) and empty_feats.shape[0] == 0
+    prediction = predictor.predict(x[2])
+    np.testing.assert_allclose(list(prediction.probabilities.values()), probs[2], rtol=1e-5, atol=1e-6)
+
+
+def test_float_is_served_when_asked_or_when_the_files_do_not_match_the_card(quantized, monkeypatch, capsys):
+    path, section = quantized
+    monkeypatch.setenv(quantization.PRECISION_ENV, "float")
+    assert Predictor("blood", path, warm=False).precision == "float"
+    monkeypatch.setenv(quantization.PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match=quantization.PRECISION_ENV):
+        Predictor("blood", path, warm=False)
+    monkeypatch.delenv(quantization.PRECISION_ENV)
+    head = path.parent / section["head_file"]
+    head.write_bytes(head.read_bytes() + b"\0")  # a file the card does not vouch for
+    predictor = Predictor("blood", path, warm=False)
+    assert predictor.precision == "float" and "SHA-256" in capsys.readouterr().err
+    head.unlink()
+    assert Predictor("blood", path, warm=False).precision == "float"
+    assert "not found" in capsys.readouterr().err
+
+
+def test_quantize_refuses_a_copy_that_changes_too_many_decisions(tiny_models, fixture_data_dir, tmp_path,
+                                                                monkeypatch):
+    path = _copy_model(tiny_models["breast"].path, tmp_path / "model")
+    before = card_path(path).read_text()
+    monkeypatch.setattr(quantization, "allowed_changes", lambda n: -1)  # no copy can pass
+    with pytest.raises(ValueError, match="validation decisions"):
+        quantization.quantize("breast", path, str(fixture_data_dir))
+    assert card_path(path).read_text() == before
+    assert not quantization.quantized_path(path).exists() and not quantization.head_path(path).exists()
+    assert Predictor("breast", path, warm=False).precision == "float"
+
+
+def test_quantize_command_refits_the_ood_statistics(tiny_models, fixture_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quantization, "allowed_changes", lambda n: n)
+    path = _copy_model(tiny_models["breast"].path, tmp_path / "model")
+    stats_before = np.load(ood_path(path))["means"]
+    code = main(["quantize", "--task", "breast", "--model", str(path), "--data-dir", str(fixture_data_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    section = json.loads(out.strip().splitlines()[-1])
+    assert section["command"].startswith("python -m medclassify quantize --task breast")
+    assert read_card(path)["serving"]["sha256"] == section["sha256"]
+    # the statistics now come from the int8 features that are served
+    assert not np.array_equal(np.load(ood_path(path))["means"], stats_before)
+
+    monkeypatch.setattr(quantization, "allowed_changes", lambda n: -1)
+    assert main(["quantize", "--task", "breast", "--model", str(path), "--data-dir", str(fixture_data_dir)]) == 1
+    assert capsys.readouterr().err.startswith("error: int8 changes")
