@@ -334,6 +334,11 @@ def shipped_models() -> list[dict]:
     for name, spec in TASKS.items():
         if spec.model_path.exists():
             note = trained_accuracy(name, card_path=spec.card_path)
+            served = (json.loads(spec.card_path.read_text()).get("serving") or {}) if spec.card_path.exists() else {}
+            key = "accuracy" if name == "blood" else "auc"
+            value = ((served.get("test") or {}).get("int8_metrics") or {}).get(key)
+            if value is not None:
+                note += f"; served int8 copy: {value:.4f}"
             out.append({"name": f"{name} (shipped{', ' + note if note else ''})", "task": name, "path": str(spec.model_path),
                         "kind": "shipped"})
     return out
@@ -356,6 +361,7 @@ def measure_model(entry: dict, quick: bool, explore: bool) -> dict:
     predictor.warm_up()
     result["warmup_s"] = round(time.perf_counter() - start, 3)
     result["params"] = int(predictor.model.count_params())
+    result["precision"] = predictor.precision
     result["rss_after_load_mb"] = rss_mb()
     spec = predictor.spec
     rng = np.random.default_rng(0)
@@ -430,12 +436,16 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
     old = tf.function(lambda x: full(x, training=False),
                       input_signature=[tf.TensorSpec([None, *spec.input_shape], tf.float32)])
     record("previous path: tf.function over the loaded model, float32", lambda x: old(x.astype("float32")))
-    # 2. the TensorFlow serving graph (concrete function, uint8, no augmentation layers): batches
-    record("serving: concrete fn, uint8, no augmentation", predictor._serve_uint8)
-    # 2b. TensorFlow Lite (XNNPACK): single images (fixed batch of one)
+    # 2. the float TensorFlow serving graph (concrete function, uint8, no augmentation layers): batches
+    #    of models without an int8 copy
+    record("float: concrete fn, uint8, no augmentation", predictor.compile("uint8"))
+    # 2b. float TensorFlow Lite (XNNPACK): single images of models without an int8 copy
     if predictor._serving_inputs == 1:
-        record("serving, single image: TensorFlow Lite (XNNPACK)",
+        record("float, single image: TensorFlow Lite (XNNPACK)",
                LiteSingleImage(predictor._serving_model, spec.input_shape), batches=False)
+    # 2c. the int8 copy (int8 backbone, float head): the shipped file where there is one, else converted
+    #     here with random calibration images (speed does not depend on the calibration)
+    record("int8 backbone + float head (TensorFlow Lite)", predictor._quantized or _int8_copy(predictor, rng))
     # 3. same graph through tf.function dispatch instead of the concrete function
     serving, n_inputs = serving_model(model)
 
@@ -452,6 +462,16 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
     record("serving, probabilities only", compile_serving_function(probs_only, spec.input_shape, "uint8",
                                                                    n_inputs=n_inputs))
     return out
+
+
+def _int8_copy(predictor, rng):
+    from medclassify import quantization
+    from medclassify.inference import serving_model
+
+    graph, _ = serving_model(predictor.model, features=None)
+    backbone, head = quantization.split_at_features(graph)
+    calibration = rng.integers(0, 256, (64, *predictor.spec.input_shape)).astype("float32")
+    return quantization.LiteModel(quantization._convert(backbone, calibration), quantization._convert(head))
 
 
 def _as_list(outputs):
@@ -498,6 +518,8 @@ RUNTIME_SETTINGS = (
     {"name": "intra-op threads 1, single images on TensorFlow",
      "env": {"MEDCLASSIFY_TF_INTRA_OP_THREADS": "1", "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME": "tensorflow"}},
     {"name": "TFLite 1 thread", "env": {"MEDCLASSIFY_TFLITE_THREADS": "1"}},
+    {"name": "float model, no int8 copy (MEDCLASSIFY_SERVING_PRECISION=float)",
+     "env": {"MEDCLASSIFY_SERVING_PRECISION": "float"}},
     {"name": "default threads, oneDNN off", "env": {"TF_ENABLE_ONEDNN_OPTS": "0"}},
     {"name": "intra-op threads 1, oneDNN off", "env": {"MEDCLASSIFY_TF_INTRA_OP_THREADS": "1",
                                                        "TF_ENABLE_ONEDNN_OPTS": "0"}},
@@ -511,7 +533,7 @@ def settings_child(models: list[dict], setting: dict, quick: bool) -> dict:
         cmd.append("--quick")
     env = {k: v for k, v in os.environ.items()
            if k not in ("MEDCLASSIFY_TF_INTRA_OP_THREADS", "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME", "MEDCLASSIFY_TFLITE_THREADS",
-                                                        "TF_ENABLE_ONEDNN_OPTS")}
+                        "MEDCLASSIFY_SERVING_PRECISION", "TF_ENABLE_ONEDNN_OPTS")}
     env.update(TF_CPP_MIN_LOG_LEVEL="3", **setting["env"])
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -732,7 +754,7 @@ def latency_rows(results: dict) -> list[list[str]]:
         s, p, e = m["serving"], m["model_predict"], m["end_to_end_png"]
         full = m.get("end_to_end_fullsize_jpeg")
         rows.append([
-            m["name"], f"{m['params'] / 1e6:.2f} M",
+            _served_name(m), f"{m['params'] / 1e6:.2f} M",
             f"{fmt(s['p50_ms'])} / {fmt(s['p95_ms'])} / {fmt(s['min_ms'])}"
             f"{mark(_ok(s['p50_ms'], TARGETS['single_p50_ms']))}",
             fmt(s["cpu_ms"]),
@@ -742,6 +764,10 @@ def latency_rows(results: dict) -> list[list[str]]:
             f"{fmt(full['p50_ms'])} / {fmt(full['p95_ms'])}" if full else "–",
         ])
     return rows
+
+
+def _served_name(m: dict) -> str:
+    return f"{m['name']} — served {'int8' if m.get('precision') == 'int8' else 'float'}"
 
 
 LATENCY_HEADER = ["model", "params", "serving, 1 image: p50 / p95 / min (ms)", "CPU ms per call",
@@ -759,7 +785,7 @@ def throughput_rows(results: dict) -> list[list[str]]:
         b256 = t["256"]
         cold = m.get("cold") or {}
         rows.append([
-            m["name"], fmt(t["1"]["ips"], 0), fmt(t["32"]["ips"], 0),
+            _served_name(m), fmt(t["1"]["ips"], 0), fmt(t["32"]["ips"], 0),
             f"{fmt(b256['ips'], 0)}{mark(_ok(b256['ips'], TARGETS['blood_batch256_ips'], True) if m['task'] == 'blood' else None)}",
             f"{fmt(b256['cpu_ms_per_img'], 3)} (≈ {fmt(cores * 1e3 / b256['cpu_ms_per_img'], 0)})",
             fmt(m.get("predict_many_png_ips"), 0),
@@ -866,8 +892,11 @@ def render_markdown(results: dict) -> str:
     lines += ["Single image:", "", markdown_table(LATENCY_HEADER, latency_rows(results)), "",
               "Batches, loading and memory:", "", markdown_table(THROUGHPUT_HEADER, throughput_rows(results)), ""]
     lines += [
-        "*Serving* = `Predictor.predict_arrays` on one 28-px image (one TensorFlow Lite call, XNNPACK kernels; "
-        "batches go through one compiled TensorFlow graph); "
+        "*Serving* = `Predictor.predict_arrays` on one 28-px image. *Served int8*: the shipped model's int8 "
+        "copy (`python -m medclassify quantize`; int8 convolutional backbone, float head, TensorFlow Lite with "
+        "XNNPACK kernels) answers single images and batches; its test numbers are in the model name. "
+        "*Served float*: one float TensorFlow Lite call per image, batches through one compiled TensorFlow "
+        "graph. "
         "*model.predict* = Keras `model.predict` on the same image in the same run; *→ Prediction* = "
         "`Predictor.predict(bytes)` (decode, MedMNIST crop/resize, model, out-of-distribution check). "
         "Throughput is the serving path on uint8 batches; *CPU ms/img* is the process CPU time (all threads), which "

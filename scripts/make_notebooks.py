@@ -300,15 +300,17 @@ THRESHOLD = """
 EXPORT = """
     ## Export
 
-    The shipped files are `{{MODEL}}`, its card `{{CARD}}` and the out-of-distribution statistics
-    `{{OOD}}`.  The card is machine-readable JSON; its key fields:
+    The shipped files are `{{MODEL}}`, its card `{{CARD}}`, the out-of-distribution statistics
+    `{{OOD}}`, and the int8 serving copy `{{INT8}}` + `{{HEAD}}` that the app and the CLI answer with
+    (`medclassify/quantization.py`: int8 convolutions, float head; its comparison with the float model on
+    validation and test is the card's `serving` section).  The card is machine-readable JSON; its key fields:
 """
 
 COMMANDS = """
     The shipped model is reproduced by three commands: train and evaluate the shipped variant (writes
     `runs/{{TASK}}/{{VARIANT}}.h5` with its card and OOD statistics, and `results/{{TASK}}/{{VARIANT}}.card.json`),
-    copy it to the shipped file names, and evaluate it on the test split with bootstrap intervals, storing
-    the result in the card:
+    copy it to the shipped file names and write its int8 serving copy, and evaluate it on the test split with
+    bootstrap intervals, storing the result in the card:
 
     ```bash
     python -m medclassify experiment --task {{TASK}} --variant {{VARIANT}}
@@ -768,6 +770,11 @@ EXPORT_CODE = '''
         else:
             rows.append(["test", "not evaluated yet"])
         rows.append(["OOD rule", "present" if card.get("ood") else "missing"])
+        served = (card.get("serving") or {}).get("test")
+        if served:
+            rows.append(["served int8 copy, test", f"{served['decisions_changed']} of {served['n']} decisions differ "
+                         "from the float model; " + ", ".join(f"{key} {fmt(value)}" for key, value in
+                                                              served["int8_metrics"].items() if key in KEYS)])
         rows.append(["intended use", card.get("intended_use")])
         rows += [["limitation", text] for text in card.get("limitations", [])]
         return rows
@@ -788,6 +795,8 @@ def build(task: str) -> nbformat.NotebookNode:
     spec = get_task(task)
     values = {"TASK": task, "MODEL": spec.model_path.name, "CARD": spec.card_path.name,
               "OOD": spec.model_path.with_suffix(".ood.npz").name, "VARIANT": SHIPPED[task],
+              "INT8": spec.model_path.with_suffix(".int8.tflite").name,
+              "HEAD": spec.model_path.with_suffix(".head.tflite").name,
               "SMOKE_LIMIT": str(SMOKE_LIMITS[task]), "SMOKE_VGG_LIMIT": str(SMOKE_VGG_LIMIT)}
     cells = []
 
