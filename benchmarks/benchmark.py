@@ -14,7 +14,8 @@ What is measured, for each shipped model (``model_blood.h5``,
 ``build_cnn(widths=...)`` (random weights: speed does not depend on them):
 
 * single-image latency (p50/p95/min) of the serving path
-  (``Predictor.predict_arrays`` on one 28-px image: one TensorFlow Lite call) and of
+  (``Predictor.predict_arrays`` on one 28-px image: the int8 copy where the card lists one, else one
+  float TensorFlow Lite call) and of
   plain ``model.predict`` in the same process, and their ratio;
 * end-to-end single image: PNG bytes -> ``prepare`` -> model -> ``Prediction``
   (``Predictor.predict``), and the same for a full-size 360x363 JPEG (blood);
