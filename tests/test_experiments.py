@@ -219,3 +219,16 @@ def test_shipped_variant_is_the_validation_choice(task):
                                             f"over the shipped {shipped} ({scores[shipped]:.4f})"
     shipped_card = json.loads(get_task(task).card_path.read_text())
     assert shipped_card["variant"] == shipped
+
+
+def test_serving_line_reports_the_int8_copy_on_val_and_test():
+    metrics = {"accuracy": 0.9, "auc": 0.93, "ece": 0.02, "sensitivity": 0.95, "specificity": 0.8,
+               "accuracy_at_0_5": 0.88}
+    card = {"serving": {"command": "python -m medclassify quantize --task breast", "calibration": {"images": 500},
+                        "val": {"n": 78, "decisions_changed": 1, "int8_metrics": metrics},
+                        "test": {"n": 156, "decisions_changed": 0, "int8_metrics": metrics}}}
+    line = experiments.serving_line(card)
+    assert line.startswith("Served int8 copy of the shipped model (`python -m medclassify quantize --task breast`")
+    assert "val: 1 of 78 decisions differ" in line and "test: 0 of 156 decisions differ" in line
+    assert "sensitivity 0.9500" in line and "ece" not in line
+    assert experiments.serving_line({}) == "" and experiments.serving_line({"serving": {"val": {}}}) == ""
