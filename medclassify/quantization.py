@@ -125,12 +125,14 @@ class _Runner:
         self.content = content
         self._threads = threads
         self._single = self._make(1)
+        self._output_shape = tuple(self._single[0].get_output_details()[0]["shape"][1:])  # per image
         self._single_lock = threading.Lock()
         self._batch = None
         self._batch_size = 0
         self._batch_lock = threading.Lock()
 
-    def _make(self, batch: int):
+    def _make(self, batch: int) -> tuple:
+        """(interpreter, input index, output index) for batches of ``batch``."""
         import tensorflow as tf
 
         with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to the ai-edge-litert package
@@ -138,22 +140,23 @@ class _Runner:
             interpreter = tf.lite.Interpreter(model_content=self.content, num_threads=self._threads)
         if len(interpreter.get_input_details()) != 1 or len(interpreter.get_output_details()) != 1:
             raise ValueError("expected a TFLite model with one input and one output")
+        source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
         if batch != 1:
-            detail = interpreter.get_input_details()[0]
-            interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+            interpreter.resize_tensor_input(source["index"], [batch, *source["shape"][1:]])
         interpreter.allocate_tensors()
-        return interpreter
+        return interpreter, source["index"], target["index"]
 
     @staticmethod
-    def _run(interpreter, inputs: np.ndarray) -> np.ndarray:
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], inputs)
+    def _run(runner: tuple, inputs: np.ndarray) -> np.ndarray:
+        interpreter, source, target = runner
+        interpreter.set_tensor(source, inputs)
         interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])  # a copy
+        return interpreter.get_tensor(target)  # a copy
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
         if len(inputs) == 0:
-            return np.zeros((0, *self._single.get_output_details()[0]["shape"][1:]), dtype=np.float32)
+            return np.zeros((0, *self._output_shape), dtype=np.float32)
         if len(inputs) == 1:
             with self._single_lock:
                 return self._run(self._single, inputs)
