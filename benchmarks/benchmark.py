@@ -472,7 +472,7 @@ def _int8_copy(predictor, rng):
     graph, _ = serving_model(predictor.model, features=None)
     backbone, head = quantization.split_at_features(graph)
     calibration = rng.integers(0, 256, (64, *predictor.spec.input_shape)).astype("float32")
-    return quantization.LiteModel(quantization._convert(backbone, calibration), quantization._convert(head))
+    return quantization.LiteModel(quantization.to_tflite(backbone, calibration), quantization.to_tflite(head))
 
 
 def _as_list(outputs):

@@ -101,7 +101,7 @@ def split_at_features(model):
     return backbone, head
 
 
-def _convert(keras_model, calibration: Optional[np.ndarray] = None) -> bytes:
+def to_tflite(keras_model, calibration: Optional[np.ndarray] = None) -> bytes:
     """Keras model -> TFLite bytes: float, or int8 with activation ranges from ``calibration``."""
     import tensorflow as tf
 
@@ -247,7 +247,7 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     train = load_split(spec, "train", data_dir=data_dir)
     picked = np.sort(np.random.default_rng(seed).choice(len(train.images), min(calibration_images, len(train.images)),
                                                         replace=False))
-    lite = LiteModel(_convert(backbone, train.images[picked]), _convert(head))
+    lite = LiteModel(to_tflite(backbone, train.images[picked]), to_tflite(head))
     section = {
         "runtime": RUNTIME_NAME,
         "calibration": {"split": "train", "images": int(len(picked)), "seed": seed},
