@@ -329,13 +329,14 @@ def trained_accuracy(task: str, widths=None, card_path=None) -> str:
 
 
 def shipped_models() -> list[dict]:
+    from medclassify.cards import read_card
     from medclassify.registry import TASKS
 
     out = []
     for name, spec in TASKS.items():
         if spec.model_path.exists():
             note = trained_accuracy(name, card_path=spec.card_path)
-            served = (json.loads(spec.card_path.read_text()).get("serving") or {}) if spec.card_path.exists() else {}
+            served = read_card(spec.model_path).get("serving") or {}
             key = "accuracy" if name == "blood" else "auc"
             value = ((served.get("test") or {}).get("int8_metrics") or {}).get(key)
             if value is not None:
@@ -466,13 +467,11 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
 
 
 def _int8_copy(predictor, rng):
-    from medclassify import quantization
     from medclassify.inference import serving_model
+    from medclassify.quantization import int8_copy
 
     graph, _ = serving_model(predictor.model, features=None)
-    backbone, head = quantization.split_at_features(graph)
-    calibration = rng.integers(0, 256, (64, *predictor.spec.input_shape)).astype("float32")
-    return quantization.LiteModel(quantization.to_tflite(backbone, calibration), quantization.to_tflite(head))
+    return int8_copy(graph, rng.integers(0, 256, (64, *predictor.spec.input_shape)).astype("float32"))
 
 
 def _as_list(outputs):

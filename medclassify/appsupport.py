@@ -366,7 +366,7 @@ def serving_text(card: dict, precision: str) -> str:
     if precision != "int8" or not serving:
         return "Predictions come from the model itself (float), whose test results are shown above."
     text = (f"Predictions come from an int8 copy of the model ({serving.get('runtime', 'TensorFlow Lite')}), "
-            "about three times faster.")
+            "which runs faster on CPUs.")
     test = serving.get("test") or {}
     if test.get("n"):
         metrics = test.get("int8_metrics") or {}

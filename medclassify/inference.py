@@ -39,7 +39,7 @@ import numpy as np
 
 from .cards import read_card
 from .preprocessing import ImageError, ImageLike, Prepared, prepare
-from .quantization import lite_threads, load_quantized, serving_precision
+from .quantization import lite_threads, load_quantized, new_interpreter, serving_precision, to_tflite
 from .registry import TaskSpec, get_task
 
 #: Environment variables read by ``configure_threads`` when a process builds its first ``Predictor``.
@@ -196,19 +196,7 @@ class LiteSingleImage:
 
     def __init__(self, keras_model, input_shape: tuple[int, ...], threads: Optional[int] = None,
                  atol: float = 1e-4, seed: int = 0):
-        import contextlib
-        import io
-        import warnings
-
-        import tensorflow as tf
-
-        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel export to stdout
-            blob = tf.lite.TFLiteConverter.from_keras_model(keras_model).convert()
-        if threads is None:
-            threads = lite_threads()
-        with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to the ai-edge-litert package
-            warnings.simplefilter("ignore")
-            self._interpreter = tf.lite.Interpreter(model_content=blob, num_threads=threads)
+        self._interpreter = new_interpreter(to_tflite(keras_model), threads or lite_threads())
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._lock = threading.Lock()
@@ -285,8 +273,8 @@ class Predictor:
         if self.threshold is None and self.spec.decision == "threshold":
             self.threshold = self.spec.default_threshold
         self._serving_model, self._serving_inputs = serving_model(self.model)
-        self._serve_uint8 = None  # TensorFlow graphs, traced on first use: the int8 model usually serves
-        self._serve_float = None
+        self._graphs = {}  # dtype -> TensorFlow graph, traced on first use: the int8 copy usually serves
+        self._graph_lock = threading.Lock()
         self._quantized = None
         self._serve_single = None
         if serving_precision() == "int8":
@@ -303,7 +291,6 @@ class Predictor:
                 self._serve_single = LiteSingleImage(self._serving_model, self.spec.input_shape)
             except Exception as exc:  # an op TFLite lacks, or outputs that disagree: TensorFlow is still correct
                 print(f"warning: single images use TensorFlow ({exc})", file=sys.stderr)
-        self._float_lock = threading.Lock()
         self.ood = OODDetector.for_model(self.spec, self.model_path, self.card)
         if warm:
             self.warm_up()
@@ -342,19 +329,16 @@ class Predictor:
         if images.dtype == np.uint8:
             if self._serve_single is not None and images.shape[0] == 1:
                 return tuple(self._serve_single(images))  # already NumPy
-            with self._float_lock:
-                if self._serve_uint8 is None:
-                    self._serve_uint8 = self.compile("uint8")
-            probs, feats = self._serve_uint8(images)
+            probs, feats = self._graph("uint8")(images)
         else:
-            probs, feats = self._float_function()(images.astype(np.float32, copy=False))
+            probs, feats = self._graph("float32")(images.astype(np.float32, copy=False))
         return probs.numpy(), feats.numpy()
 
-    def _float_function(self):
-        with self._float_lock:
-            if self._serve_float is None:
-                self._serve_float = self.compile("float32")
-            return self._serve_float
+    def _graph(self, dtype: str):
+        with self._graph_lock:
+            if dtype not in self._graphs:
+                self._graphs[dtype] = self.compile(dtype)
+            return self._graphs[dtype]
 
     def _decide(self, probs: np.ndarray) -> int:
         if self.spec.decision == "threshold":

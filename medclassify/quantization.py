@@ -113,9 +113,20 @@ def to_tflite(keras_model, calibration: Optional[np.ndarray] = None) -> bytes:
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative
+    # the converter prints its SavedModel export to stdout, and warns that "statistics for quantized
+    # inputs were expected" (the input stays float)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "statistics for quantized inputs were expected": the input stays float
+        warnings.simplefilter("ignore")
         return converter.convert()
+
+
+def new_interpreter(content: bytes, threads: int):
+    """A TFLite interpreter (XNNPACK) for ``content``, tensors not yet allocated."""
+    import tensorflow as tf
+
+    with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to the ai-edge-litert package
+        warnings.simplefilter("ignore")
+        return tf.lite.Interpreter(model_content=content, num_threads=threads)
 
 
 class _Runner:
@@ -133,11 +144,7 @@ class _Runner:
 
     def _make(self, batch: int) -> tuple:
         """(interpreter, input index, output index) for batches of ``batch``."""
-        import tensorflow as tf
-
-        with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to the ai-edge-litert package
-            warnings.simplefilter("ignore")
-            interpreter = tf.lite.Interpreter(model_content=self.content, num_threads=self._threads)
+        interpreter = new_interpreter(self.content, self._threads)
         if len(interpreter.get_input_details()) != 1 or len(interpreter.get_output_details()) != 1:
             raise ValueError("expected a TFLite model with one input and one output")
         source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
@@ -179,6 +186,13 @@ class LiteModel:
         """Pixels (N, H, W, C) 0..255, any dtype -> (probabilities (N, K), features (N, D))."""
         features = self.backbone(images)
         return self.head(features), features
+
+
+def int8_copy(graph, calibration: np.ndarray) -> LiteModel:
+    """The int8 serving copy of ``graph`` (a model without augmentation layers): activation ranges from
+    ``calibration`` (pixels 0..255)."""
+    backbone, head = split_at_features(graph)
+    return LiteModel(to_tflite(backbone, calibration), to_tflite(head))
 
 
 def load_quantized(model_path, card: dict) -> Optional[LiteModel]:
@@ -243,11 +257,10 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     graph, n_inputs = serving_model(model, features=None)
     if n_inputs != 1:
         raise ValueError("this model's graph has augmentation branches; re-save it with `ship` first")
-    backbone, head = split_at_features(graph)
     train = load_split(spec, "train", data_dir=data_dir)
     picked = np.sort(np.random.default_rng(seed).choice(len(train.images), min(calibration_images, len(train.images)),
                                                         replace=False))
-    lite = LiteModel(to_tflite(backbone, train.images[picked]), to_tflite(head))
+    lite = int8_copy(graph, train.images[picked])
     section = {
         "runtime": RUNTIME_NAME,
         "calibration": {"split": "train", "images": int(len(picked)), "seed": seed},
