@@ -33,6 +33,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
+    mixup: float = 0.0  # >0: mixup (Zhang et al. 2018) with mixing weights drawn from Beta(mixup, mixup)
     augment: bool = True
     augmentation: str = "default"  # policy name, see models.augmentation_layers
     class_weight: bool = False
@@ -192,14 +193,36 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
         tf.data.Dataset.from_tensor_slices((train.images.astype(np.float32), one_hot))
         .shuffle(len(train.images), seed=cfg.seed, reshuffle_each_iteration=True)
         .batch(cfg.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
     )
+    if cfg.mixup > 0:
+        dataset = dataset.map(lambda x, y: mixup_batch(x, y, cfg.mixup))
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
     selector = _ValidationSelector(spec, val, cfg.verbose)
     history = model.fit(dataset, epochs=epochs, verbose=cfg.verbose, callbacks=[selector],
                         class_weight=class_weight)
     if selector.best_weights is not None:
         model.set_weights(selector.best_weights)
     return history.history, selector.best_epoch
+
+
+def mixup_batch(images, targets, alpha: float):
+    """Mixup: each example blended with another of the same batch, images and one-hot targets alike.
+
+    The weight ``lam ~ Beta(alpha, alpha)`` is drawn per example (as the ratio of two Gamma draws).
+    """
+    import tensorflow as tf
+
+    images, targets = tf.cast(images, tf.float32), tf.cast(targets, tf.float32)
+    n = tf.shape(images)[0]
+    a = tf.random.gamma([n], alpha)
+    b = tf.random.gamma([n], alpha)
+    lam = a / (a + b)
+    partner = tf.random.shuffle(tf.range(n))
+    lam_images = tf.reshape(lam, [-1, 1, 1, 1])
+    lam_targets = tf.reshape(lam, [-1, 1])
+    mixed_images = lam_images * images + (1.0 - lam_images) * tf.gather(images, partner)
+    mixed_targets = lam_targets * targets + (1.0 - lam_targets) * tf.gather(targets, partner)
+    return mixed_images, mixed_targets
 
 
 def member_seed(cfg: TrainConfig, member: int) -> int:

@@ -223,6 +223,34 @@ VARIANT_TEXT = {
         of all breast variants, which is why it is the shipped model; the test split played no part in
         the choice.
     """,
+    ("breast", "cnn_flips"): """
+        ### `cnn_flips`: lossless augmentation only
+
+        The policy that lifted the blood CNN (`cnn_flips_wide` there), for ultrasound: horizontal flips
+        and whole-pixel shifts only, no rotations, zooms or contrast changes, so no training image is
+        interpolated.  No vertical flip, because the transducer is always at the top.  Trained with seeds
+        0 to 4; the table shows seed 0 and the seed summary all five.
+    """,
+    ("breast", "cnn_flips_ens5"): """
+        ### `cnn_flips_ens5`: the five seed runs of `cnn_flips`, averaged
+
+        Assembled from the five seed runs in `runs/` (the same recipe as `cnn_ens5`, with the lossless
+        augmentation), temperature and threshold fitted on the averaged output.
+    """,
+    ("breast", "cnn_mixup"): """
+        ### `cnn_mixup`: mixup
+
+        The recipe of the shipped ensemble's members (`cnn`, no augmentation) trained on *mixed* pairs:
+        each training image is blended with another one of its batch, and the one-hot labels with the same
+        weight drawn from Beta(0.4, 0.4) (Zhang et al., *mixup: Beyond Empirical Risk Minimization*, 2018).
+        It is a regulariser for a few hundred images that does not interpolate inside an image, and it
+        tends to make the model less overconfident.  Trained with seeds 0 to 4.
+    """,
+    ("breast", "cnn_mixup_ens5"): """
+        ### `cnn_mixup_ens5`: the five seed runs of `cnn_mixup`, averaged
+
+        Assembled from the five seed runs in `runs/`, temperature and threshold fitted on the averaged output.
+    """,
     ("breast", "vgg16"): """
         ### `vgg16`: ImageNet transfer
 

@@ -90,11 +90,11 @@ def test_entry_point_usage_errors(argv, code):
 
 # --------------------------------------------------------------------------- train
 
-def _train_smoke(capsys, tmp_path, data_dir, task, limit):
+def _train_smoke(capsys, tmp_path, data_dir, task, limit, *extra):
     out = tmp_path / f"smoke_{task}.h5"
     code, stdout, _ = run_main(capsys, "train", "--task", task, "--data-dir", data_dir, "--limit", limit,
                                "--epochs", 1, "--widths", ",".join(map(str, TINY_WIDTHS)), "--batch-size", 64,
-                               "--out", out, "--quiet")
+                               "--out", out, "--quiet", *extra)
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])["validation"]
     assert {"accuracy", "balanced_accuracy", "auc", "model", "best_epoch", "temperature", "threshold",
@@ -110,7 +110,8 @@ def _train_smoke(capsys, tmp_path, data_dir, task, limit):
 
 
 def test_train_smoke_breast(capsys, tmp_path, fixture_data_dir):
-    out = _train_smoke(capsys, tmp_path, fixture_data_dir, "breast", 30)
+    out = _train_smoke(capsys, tmp_path, fixture_data_dir, "breast", 30, "--mixup", 0.3)
+    assert json.loads(out.with_suffix(".card.json").read_text())["training"]["config"]["mixup"] == 0.3
     code, stdout, _ = run_main(capsys, "evaluate", "--task", "breast", "--model", out, "--data-dir",
                                fixture_data_dir, "--json")
     assert code == 0 and json.loads(stdout)["n"] == 10

@@ -83,6 +83,14 @@ def test_seed_summary(results_dir):
     assert summary["accuracy"]["mean"] == pytest.approx(0.92)
     assert summary["accuracy"]["std"] == pytest.approx(np.std([0.90, 0.92, 0.94], ddof=1))
     assert summary["auc"]["std"] == pytest.approx(0.0)
+    # every seed run counts (breast's five-seed configurations), and another variant's seed cards never do
+    for seed in (3, 4):
+        (folder / experiments.card_file("blood", "v", seed).name).write_text(
+            json.dumps(_card("v", {}, {"accuracy": 0.92, "auc": 0.99})))
+    (folder / experiments.card_file("blood", "v_ens5", 1).name).write_text(
+        json.dumps(_card("v_ens5", {}, {"accuracy": 0.0, "auc": 0.0})))
+    summary = experiments.seed_summary("blood", "v")
+    assert summary["seeds"] == 5 and summary["accuracy"]["mean"] == pytest.approx(0.92)
 
 
 def _fake_run(runs: "Path", name: str, cfg) -> None:
@@ -104,6 +112,36 @@ def test_matching_runs_finds_the_seed_runs_of_an_ensemble(results_dir):
     assert experiments.matching_runs(ensemble) == {0: runs / "v.h5", 2: runs / "v_seed2.h5"}
     assert experiments.matching_runs(base) == {}  # a single run has no members
     assert experiments.matching_runs(dataclasses.replace(ensemble, seed=1)) == {}  # members 1000, 1001, 1002
+
+
+def test_matching_runs_reads_a_setting_missing_from_an_older_card_as_its_default(results_dir):
+    from medclassify.training import config_dict
+
+    base = experiments.TrainConfig(task="breast", epochs=3, widths=(8, 16), verbose=0)
+    runs = experiments.RUNS_DIR / "breast"
+    runs.mkdir(parents=True, exist_ok=True)
+    older = config_dict(base)
+    del older["mixup"]  # cards written before TrainConfig had the setting
+    (runs / "v.h5").write_bytes(b"")
+    (runs / "v.card.json").write_text(json.dumps({"training": {"config": older}}))
+    assert experiments.matching_runs(dataclasses.replace(base, ensemble=2)) == {0: runs / "v.h5"}
+    assert experiments.matching_runs(dataclasses.replace(base, ensemble=2, mixup=0.2)) == {}
+
+
+def test_report_names_the_ensemble_that_seed_runs_were_assembled_into(results_dir, tmp_path, monkeypatch):
+    tiny = experiments.TrainConfig(task="breast", epochs=1, verbose=0)
+    monkeypatch.setitem(experiments.VARIANTS["breast"], "v", tiny)
+    monkeypatch.setitem(experiments.VARIANTS["breast"], "v_ens2", dataclasses.replace(tiny, ensemble=2))
+    monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)  # no README there: the committed one is untouched
+    folder = results_dir / "breast"
+    folder.mkdir(parents=True)
+    for seed in (0, 1):
+        experiments.card_file("breast", "v", seed).write_text(json.dumps(_card("v", {}, {"auc": 0.9})))
+    ensemble = _card("v_ens2", {}, {"auc": 0.9})
+    ensemble["training"]["members_reused"] = {"0": "runs/breast/v.h5", "1": "runs/breast/v_seed1.h5"}
+    experiments.card_file("breast", "v_ens2").write_text(json.dumps(ensemble))
+    report = experiments.write_report().read_text()
+    assert "Members of `v_ens2`: configuration `v` over 2 seeds (test, mean ± std): auc 0.9000 ± 0.0000" in report
 
 
 def test_replace_between_markers(tmp_path):
@@ -139,7 +177,8 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     for split in ("val", "test"):
         assert card[split]["split"] == split and 0.0 <= card[split]["auc"] <= 1.0
         assert "auc" in card[split]["ci95"]
-    assert out["auc"] == card["test"]["auc"]
+    assert out["val"]["auc"] == card["val"]["auc"]
+    assert set(out) == {"card", "val"}  # test metrics stay in the card: variants are compared on validation
     assert (results_dir.parent / "runs" / "breast" / "tiny.h5").exists()
 
     assert main(["report"]) == 0
@@ -194,7 +233,7 @@ def test_ensemble_variant_reuses_the_seed_runs(results_dir, fixture_data_dir, tm
     readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
     monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)
     assert main(["report"]) == 0
-    assert "Configuration `tiny` over 2 seeds (test, mean ± std): accuracy" in readme.read_text()
+    assert "Members of `tiny_ens2`: configuration `tiny` over 2 seeds (test, mean ± std): accuracy" in readme.read_text()
     assert experiments.ensemble_member_variants("blood", "tiny_ens2") == {"tiny"}
     assert experiments.ensemble_member_variants("blood", "tiny") == set()
     assert experiments.ensemble_member_variants("blood", "missing") == set()

@@ -233,3 +233,28 @@ def test_ensemble_training_path(fixture_data_dir, monkeypatch, tmp_path):
     predictor = Predictor("breast", path)
     probs, features = predictor.predict_arrays(np.zeros((2, 28, 28, 1), np.uint8))
     assert probs.shape == (2, 2) and features.shape == (2, 16)  # both members' pooled features
+
+
+# --------------------------------------------------------------------------- mixup
+
+def test_mixup_batch_blends_images_and_targets_alike():
+    import tensorflow as tf
+
+    tf.random.set_seed(0)
+    images = np.stack([np.full((4, 4, 1), v, np.float32) for v in (0.0, 100.0, 200.0)])
+    targets = np.eye(3, dtype=np.float32)
+    mixed, mixed_targets = (t.numpy() for t in training.mixup_batch(tf.constant(images), tf.constant(targets), 0.4))
+    assert mixed.shape == images.shape and mixed_targets.shape == targets.shape
+    np.testing.assert_allclose(mixed_targets.sum(axis=1), 1.0, rtol=1e-6)  # still a distribution
+    # each image is constant, so its value says how it was mixed: the targets must say the same
+    np.testing.assert_allclose(mixed[:, 0, 0, 0], mixed_targets @ np.array([0.0, 100.0, 200.0]), rtol=1e-4,
+                               atol=1e-3)
+    assert mixed.min() >= 0.0 and mixed.max() <= 200.0
+    assert not np.allclose(mixed_targets, targets)  # Beta(0.4, 0.4) draws strictly inside (0, 1)
+
+
+def test_mixup_training_run(fixture_data_dir):
+    result = train(TrainConfig(task="breast", epochs=1, limit=30, widths=(4, 8), mixup=0.4,
+                               data_dir=str(fixture_data_dir), verbose=0))
+    assert result.config.mixup == 0.4 and math.isfinite(result.history["loss"][0])
+    assert config_dict(result.config)["mixup"] == 0.4
