@@ -129,13 +129,21 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 def _dicom_to_image(data: bytes) -> Image.Image:
     try:
         import pydicom
+        from pydicom.pixels import pixel_array
 
         dataset = pydicom.dcmread(io.BytesIO(data))
-        pixels = dataset.pixel_array
     except Exception as exc:
         raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        pixels = pixels[0]  # multi-frame: first frame
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise ImageError("DICOM file holds no image (no Rows and Columns)") from None
+    # Before decoding: a few kilobytes of RLE can claim gigapixels, and pydicom allocates what the header says.
+    _check_dimensions((columns, rows))
+    try:
+        pixels = pixel_array(dataset, index=0)  # multi-frame (cine loops): the first frame, the others undecoded
+    except Exception as exc:
+        raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
     if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
         pixels = pixels.max() - pixels  # MONOCHROME1 shows low values as white
     return _array_to_image(pixels)

@@ -31,6 +31,7 @@ import struct
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -240,8 +241,13 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
-    """A minimal valid DICOM file (Secondary Capture, explicit VR little endian) holding ``pixels`` (uint16)."""
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", rle: bool = False,
+                claimed_size: Optional[tuple[int, int]] = None) -> Path:
+    """A minimal valid DICOM file (Secondary Capture, explicit VR little endian) holding ``pixels`` (uint16).
+
+    ``pixels`` of shape (frames, rows, columns) gives a multi-frame file; ``rle`` stores it RLE-compressed;
+    ``claimed_size`` (rows, columns) then overwrites the header's size, as a malicious file would.
+    """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -254,7 +260,9 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "US"
     ds.PatientName = "Test^Synthetic"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated = 16
@@ -262,6 +270,12 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(pixels.astype("<u2")).tobytes()
+    if rle:
+        from pydicom.uid import RLELossless
+
+        ds.compress(RLELossless, pixels.astype(np.uint16))
+    if claimed_size is not None:
+        ds.Rows, ds.Columns = claimed_size
     ds.save_as(str(path), enforce_file_format=True)
     return path
 

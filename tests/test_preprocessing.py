@@ -494,6 +494,43 @@ def test_dicom(tmp_path, task):
     assert np.abs(inverted.astype(int) - (255 - out.astype(int))).max() <= 2
 
 
+def test_multi_frame_dicom_gives_its_first_frame(tmp_path):
+    first = gradient(48, 48, 1).astype(np.uint16) * 64
+    frames = np.stack([first, 16000 - first, np.zeros_like(first)])
+    for rle in (False, True):
+        path = write_dicom(tmp_path / f"cine_{rle}.dcm", frames, rle=rle)
+        np.testing.assert_array_equal(to_model_input(path, "breast"),
+                                      to_model_input(write_dicom(tmp_path / "first.dcm", first), "breast"))
+
+
+@pytest.mark.parametrize("claimed", [(20_000, 20_000), (4, 4)])
+def test_dicom_size_is_checked_before_its_pixels_are_decoded(tmp_path, monkeypatch, claimed):
+    import pydicom.pixels
+
+    path = write_dicom(tmp_path / "bomb.dcm", gradient(32, 32, 1).astype(np.uint16), rle=True, claimed_size=claimed)
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("decoded the pixels of a DICOM file whose header is out of bounds")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", must_not_decode)
+    with pytest.raises(ImageError, match="too large" if claimed[0] > 1000 else "too small") as info:
+        prepare(path, "breast")
+    assert_one_line(str(info.value))
+
+
+def test_dicom_without_pixels(tmp_path):
+    import pydicom
+
+    path = write_dicom(tmp_path / "scan.dcm", gradient(32, 32, 1).astype(np.uint16))
+    dataset = pydicom.dcmread(path)
+    del dataset.Rows, dataset.Columns, dataset.PixelData
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ImageError, match="DICOM file holds no image") as info:
+        prepare(buffer.getvalue(), "breast")
+    assert_one_line(str(info.value))
+
+
 def test_dicom_without_preamble_and_broken_dicom(tmp_path):
     path = write_dicom(tmp_path / "scan.dcm", gradient(32, 32, 1).astype(np.uint16))
     data = path.read_bytes()
