@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--label-smoothing", type=float, default=0.05)
     t.add_argument("--mixup", type=float, default=0.0, help="mixup with weights from Beta(a, a); 0 = off")
+    t.add_argument("--ema", type=float, default=0.0,
+                   help="keep the moving average of the weights with this momentum (e.g. 0.99); 0 = off")
     t.add_argument("--widths", default="32,64,128", help="CNN channels per stage")
     t.add_argument("--dropout", type=float, default=0.3)
     t.add_argument("--no-augment", action="store_true", help="train without augmentation layers")
@@ -151,9 +153,12 @@ def _train(args) -> int:
     except ValueError:
         print(f"error: --widths must be comma-separated integers, got {args.widths!r}", file=sys.stderr)
         return 2
+    if not 0.0 <= args.ema < 1.0:
+        print(f"error: --ema must be in [0, 1), got {args.ema}", file=sys.stderr)
+        return 2
     cfg = TrainConfig(
         task=args.task, model=args.model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup=args.mixup,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup=args.mixup, ema=args.ema,
         augment=not args.no_augment, augmentation=args.augmentation,
         class_weight=args.class_weight, smote=args.smote, widths=widths, dropout=args.dropout, seed=args.seed,
         limit=args.limit, data_dir=args.data_dir, vgg16_weights=args.vgg16_weights,

@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     mixup: float = 0.0  # >0: mixup (Zhang et al. 2018) with mixing weights drawn from Beta(mixup, mixup)
+    ema: float = 0.0  # >0: select and keep the exponential moving average of the weights, with this momentum
     augment: bool = True
     augmentation: str = "default"  # policy name, see models.augmentation_layers
     class_weight: bool = False
@@ -163,7 +164,7 @@ class _ValidationSelector:
         return Selector()
 
 
-def _optimizer(learning_rate: float, weight_decay: float, steps: int):
+def _optimizer(learning_rate: float, weight_decay: float, steps: int, ema: float = 0.0):
     import keras
 
     warmup = max(1, steps // 20)
@@ -174,6 +175,11 @@ def _optimizer(learning_rate: float, weight_decay: float, steps: int):
         warmup_steps=warmup,
         alpha=0.01,
     )
+    if ema > 0:
+        # Polyak averaging: the average of the last ~1/(1-ema) steps' weights sits in a flatter region
+        # than the last step's, which matters when a few hundred images make every step noisy.
+        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay, use_ema=True,
+                                      ema_momentum=ema)
     return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
 
 
@@ -184,7 +190,7 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
 
     steps = epochs * int(math.ceil(len(train.images) / cfg.batch_size))
     model.compile(
-        optimizer=_optimizer(learning_rate, cfg.weight_decay, steps),
+        optimizer=_optimizer(learning_rate, cfg.weight_decay, steps, cfg.ema),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
@@ -198,7 +204,9 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
         dataset = dataset.map(lambda x, y: mixup_batch(x, y, cfg.mixup))
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     selector = _ValidationSelector(spec, val, cfg.verbose)
-    history = model.fit(dataset, epochs=epochs, verbose=cfg.verbose, callbacks=[selector],
+    # With EMA, the averaged weights are swapped in at each epoch's end, so the selector scores and keeps them.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), selector] if cfg.ema > 0 else [selector]
+    history = model.fit(dataset, epochs=epochs, verbose=cfg.verbose, callbacks=callbacks,
                         class_weight=class_weight)
     if selector.best_weights is not None:
         model.set_weights(selector.best_weights)

@@ -251,6 +251,20 @@ VARIANT_TEXT = {
 
         Assembled from the five seed runs in `runs/`, temperature and threshold fitted on the averaged output.
     """,
+    ("breast", "cnn_ema"): """
+        ### `cnn_ema`: weight averaging
+
+        The recipe of the shipped ensemble's members (`cnn`, no augmentation) keeping the exponential moving
+        average of its weights (Polyak averaging, momentum 0.99, so about the last five epochs' steps): with
+        a few hundred images every batch is noisy, and the average sits in a flatter region than the last
+        step's weights.  The averaged weights are the ones scored on validation at each epoch's end and
+        kept.  Trained with seeds 0 to 4.
+    """,
+    ("breast", "cnn_ema_ens5"): """
+        ### `cnn_ema_ens5`: the five seed runs of `cnn_ema`, averaged
+
+        Assembled from the five seed runs in `runs/`, temperature and threshold fitted on the averaged output.
+    """,
     ("breast", "vgg16"): """
         ### `vgg16`: ImageNet transfer
 

@@ -258,3 +258,36 @@ def test_mixup_training_run(fixture_data_dir):
                                data_dir=str(fixture_data_dir), verbose=0))
     assert result.config.mixup == 0.4 and math.isfinite(result.history["loss"][0])
     assert config_dict(result.config)["mixup"] == 0.4
+
+
+# --------------------------------------------------------------------------- weight averaging (EMA)
+
+def _distance_moved(fixture_data_dir, ema: float) -> float:
+    """How far 3 tiny epochs move the CNN's trainable weights from their initial values (sum of |change|)."""
+    from medclassify.data import load_split
+    from medclassify.models import build_cnn
+
+    spec = get_task("breast")
+    cfg = TrainConfig(task="breast", epochs=3, batch_size=8, widths=(4, 8), augment=False, ema=ema,
+                      data_dir=str(fixture_data_dir), verbose=0)
+    train_split = training._stratified_head(load_split(spec, "train", data_dir=str(fixture_data_dir)), 30, 0)
+    val_split = load_split(spec, "val", data_dir=str(fixture_data_dir))
+    training.set_seed(0)
+    initial = [w.numpy() for w in build_cnn(spec, augment=False, widths=(4, 8), dropout=cfg.dropout).trainable_weights]
+    training.set_seed(0)
+    model, _, _ = training._train_single(cfg, spec, train_split, val_split, None)
+    return float(sum(np.abs(w.numpy() - w0).sum() for w, w0 in zip(model.trainable_weights, initial)))
+
+
+def test_ema_keeps_the_averaged_weights(fixture_data_dir):
+    # With a momentum this close to 1 the average stays where the first step left it, so the kept model
+    # must have moved far less than plain training's, which takes all 12 steps (or the 4 of epoch 1).
+    plain = _distance_moved(fixture_data_dir, ema=0.0)
+    averaged = _distance_moved(fixture_data_dir, ema=0.999999)
+    assert plain > 0 and averaged < 0.5 * plain
+
+
+def test_ema_training_run_records_the_setting(fixture_data_dir):
+    result = train(TrainConfig(task="breast", epochs=1, limit=30, widths=(4, 8), ema=0.9,
+                               data_dir=str(fixture_data_dir), verbose=0))
+    assert config_dict(result.config)["ema"] == 0.9 and math.isfinite(result.history["loss"][0])
