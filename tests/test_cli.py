@@ -110,8 +110,9 @@ def _train_smoke(capsys, tmp_path, data_dir, task, limit, *extra):
 
 
 def test_train_smoke_breast(capsys, tmp_path, fixture_data_dir):
-    out = _train_smoke(capsys, tmp_path, fixture_data_dir, "breast", 30, "--mixup", 0.3)
-    assert json.loads(out.with_suffix(".card.json").read_text())["training"]["config"]["mixup"] == 0.3
+    out = _train_smoke(capsys, tmp_path, fixture_data_dir, "breast", 30, "--mixup", 0.3, "--ema", 0.9)
+    config = json.loads(out.with_suffix(".card.json").read_text())["training"]["config"]
+    assert config["mixup"] == 0.3 and config["ema"] == 0.9
     code, stdout, _ = run_main(capsys, "evaluate", "--task", "breast", "--model", out, "--data-dir",
                                fixture_data_dir, "--json")
     assert code == 0 and json.loads(stdout)["n"] == 10
@@ -120,6 +121,14 @@ def test_train_smoke_breast(capsys, tmp_path, fixture_data_dir):
 @pytest.mark.slow
 def test_train_smoke_blood(capsys, tmp_path, fixture_data_dir):
     _train_smoke(capsys, tmp_path, fixture_data_dir, "blood", 96)
+
+
+@pytest.mark.parametrize("bad", ["widths=32,x", "ema=1.0", "ema=-0.1"])
+def test_train_rejects_bad_settings_exit_2(capsys, tmp_path, bad):
+    name, value = bad.split("=")
+    code, _, err = run_main(capsys, "train", "--task", "breast", f"--{name}", value, "--out", tmp_path / "m.h5")
+    assert code == 2 and f"--{name} must" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.h5").exists()
 
 
 def test_train_missing_data_exit_1(capsys, tmp_path, monkeypatch):
