@@ -175,12 +175,10 @@ def _optimizer(learning_rate: float, weight_decay: float, steps: int, ema: float
         warmup_steps=warmup,
         alpha=0.01,
     )
-    if ema > 0:
-        # Polyak averaging: the average of the last ~1/(1-ema) steps' weights sits in a flatter region
-        # than the last step's, which matters when a few hundred images make every step noisy.
-        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay, use_ema=True,
-                                      ema_momentum=ema)
-    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+    # ema > 0: Polyak averaging. The average of the last ~1/(1-ema) steps' weights sits in a flatter region
+    # than the last step's, which matters when a few hundred images make every step noisy.
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay, use_ema=ema > 0,
+                                  ema_momentum=ema if ema > 0 else 0.99)  # 0.99: Keras's default, unused when off
 
 
 def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epochs: int, learning_rate: float,
