@@ -393,11 +393,14 @@ def main() -> None:
     task = choose_task()
     try:
         predictor = load_predictor(task)
-        load_explainer(task)
     except Exception:
         log.exception("model load failed")
         st.error(f"The {get_task(task).title} model could not be loaded. Please try again later.")
         return
+    try:
+        load_explainer(task)  # warmed now so the first overlay is quick; without it, predictions still work
+    except Exception:
+        log.exception("Grad-CAM explainer could not be built")
     classify_panel, about_panel = st.tabs(["Classify", "About the model"])
     with classify_panel:
         try:

@@ -352,6 +352,27 @@ def test_model_that_cannot_load_gives_a_message(monkeypatch):
         st.cache_resource.clear()
 
 
+def test_explainer_that_cannot_be_built_costs_only_the_overlay(monkeypatch):
+    import streamlit as st
+
+    from medclassify import explain
+
+    def broken(model):
+        raise ValueError("model has no logits layer")
+
+    st.cache_resource.clear()
+    monkeypatch.setattr(explain, "explainer_for", broken)
+    try:
+        at = upload(new_app(), sample("blood", 0))
+        assert len(predicted_labels(at)) == 1 and not at.error
+        assert "Grad-CAM explanation is not available" in texts(at.caption)
+        assert "no logits layer" not in texts(at.caption)
+        no_traceback(at)
+    finally:
+        monkeypatch.undo()
+        st.cache_resource.clear()
+
+
 def test_uploads_are_not_written_to_disk():
     """Upload an image carrying a unique marker; no file created meanwhile contains it."""
     marker = secrets.token_hex(16)
