@@ -46,7 +46,9 @@ def open_image(source: ImageLike) -> Image.Image:
         return _array_to_image(source)
     else:
         data = _read_bytes(source)
-        if data[:4] == b"DICM" or data[128:132] == b"DICM":
+        if data[:4] == b"DICM":  # some writers leave out the 128-byte preamble, whose content is arbitrary anyway
+            data = bytes(128) + data
+        if data[128:132] == b"DICM":
             return _dicom_to_image(data)
         try:
             with warnings.catch_warnings():

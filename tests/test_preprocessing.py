@@ -535,6 +535,7 @@ def test_dicom_without_preamble_and_broken_dicom(tmp_path):
     path = write_dicom(tmp_path / "scan.dcm", gradient(32, 32, 1).astype(np.uint16))
     data = path.read_bytes()
     assert data[128:132] == b"DICM"
+    np.testing.assert_array_equal(to_model_input(data[128:], "breast"), to_model_input(data, "breast"))  # no preamble
     broken = data[:140] + b"\x00" * 10  # DICM magic, then nothing usable
     with pytest.raises(ImageError, match="DICOM") as info:
         prepare(broken, "breast")
