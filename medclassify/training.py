@@ -184,7 +184,6 @@ def _optimizer(learning_rate: float, weight_decay: float, steps: int, ema: float
 def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epochs: int, learning_rate: float,
          class_weight):
     import keras
-    import tensorflow as tf
 
     steps = epochs * int(math.ceil(len(train.images) / cfg.batch_size))
     model.compile(
@@ -192,15 +191,7 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
-    one_hot = keras.utils.to_categorical(train.labels, spec.num_classes)
-    dataset = (
-        tf.data.Dataset.from_tensor_slices((train.images.astype(np.float32), one_hot))
-        .shuffle(len(train.images), seed=cfg.seed, reshuffle_each_iteration=True)
-        .batch(cfg.batch_size)
-    )
-    if cfg.mixup > 0:
-        dataset = dataset.map(lambda x, y: mixup_batch(x, y, cfg.mixup))
-    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = training_dataset(train.images, keras.utils.to_categorical(train.labels, spec.num_classes), cfg)
     selector = _ValidationSelector(spec, val, cfg.verbose)
     # With EMA, the averaged weights are swapped in at each epoch's end, so the selector scores and keeps them.
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), selector] if cfg.ema > 0 else [selector]
@@ -211,24 +202,32 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
     return history.history, selector.best_epoch
 
 
-def mixup_batch(images, targets, alpha: float):
-    """Mixup: each example blended with another of the same batch, images and one-hot targets alike.
+def training_dataset(images: np.ndarray, one_hot: np.ndarray, cfg: TrainConfig):
+    """Shuffled batches of (image, one-hot target); with ``cfg.mixup`` > 0, each batch goes through mixup.
 
-    The weight ``lam ~ Beta(alpha, alpha)`` is drawn per example (as the ratio of two Gamma draws).
+    Mixup (Zhang et al. 2018) is ``keras.layers.MixUp``: every example is blended with a partner from the
+    same batch, image and target with the same weight drawn from Beta(mixup, mixup).
     """
+    import keras
     import tensorflow as tf
 
-    images, targets = tf.cast(images, tf.float32), tf.cast(targets, tf.float32)
-    n = tf.shape(images)[0]
-    a = tf.random.gamma([n], alpha)
-    b = tf.random.gamma([n], alpha)
-    lam = a / (a + b)
-    partner = tf.random.shuffle(tf.range(n))
-    lam_images = tf.reshape(lam, [-1, 1, 1, 1])
-    lam_targets = tf.reshape(lam, [-1, 1])
-    mixed_images = lam_images * images + (1.0 - lam_images) * tf.gather(images, partner)
-    mixed_targets = lam_targets * targets + (1.0 - lam_targets) * tf.gather(targets, partner)
-    return mixed_images, mixed_targets
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((images.astype(np.float32), one_hot.astype(np.float32)))
+        .shuffle(len(images), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size)
+    )
+    if cfg.mixup > 0:
+        # No seed of its own: the layer then seeds itself from the global seed that `set_seed` fixed for this
+        # run or ensemble member, as the weight initialisers do. With `seed=cfg.seed`, every member of an
+        # ensemble trained in one call would draw the same mixing weights and partners.
+        mix = keras.layers.MixUp(alpha=cfg.mixup)
+
+        def mix_batch(batch_images, batch_targets):
+            mixed = mix({"images": batch_images, "labels": batch_targets}, training=True)
+            return mixed["images"], mixed["labels"]
+
+        dataset = dataset.map(mix_batch)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def member_seed(cfg: TrainConfig, member: int) -> int:
@@ -240,9 +239,13 @@ def train(cfg: TrainConfig, reuse: Optional[dict[int, str | os.PathLike]] = None
     """Train ``cfg``; for an ensemble, ``reuse`` maps member indices to saved runs to load instead.
 
     A reused member must be a single run of the same recipe with ``member_seed``
-    (``experiments.matching_runs`` finds them), so an ensemble assembled from
-    seed runs is the model this function would have trained.  Its recorded wall
-    time is the members' training time plus the assembly.
+    (``experiments.matching_runs`` finds them).  It is as good a member as one
+    trained here, but not the same model: a member trained here draws its
+    initial weights (and mixup) from its own seed and shuffles the training data
+    with the ensemble's seed, a single run shuffles with its own.  So the card
+    lists the reused runs (``training.members_reused``, written by
+    ``experiments.run_variant``).  The recorded wall time is the members'
+    training time plus the assembly.
     """
     from .evaluation import compute_metrics
     from .models import build_ensemble, inference_model, with_temperature

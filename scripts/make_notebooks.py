@@ -242,9 +242,10 @@ VARIANT_TEXT = {
 
         The recipe of the shipped ensemble's members (`cnn`, no augmentation) trained on *mixed* pairs:
         each training image is blended with another one of its batch, and the one-hot labels with the same
-        weight drawn from Beta(0.4, 0.4) (Zhang et al., *mixup: Beyond Empirical Risk Minimization*, 2018).
-        It is a regulariser for a few hundred images that does not interpolate inside an image, and it
-        tends to make the model less overconfident.  Trained with seeds 0 to 4.
+        weight drawn from Beta(0.4, 0.4) (Zhang et al., *mixup: Beyond Empirical Risk Minimization*, 2018;
+        Keras's `MixUp` layer, applied to each training batch in the `tf.data` pipeline). It is a
+        regulariser for a few hundred images that does not interpolate inside an image, and it tends to
+        make the model less overconfident.  Trained with seeds 0 to 4.
     """,
     ("breast", "cnn_mixup_ens5"): """
         ### `cnn_mixup_ens5`: the five seed runs of `cnn_mixup`, averaged
