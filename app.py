@@ -89,23 +89,29 @@ def sample_items(task: str) -> list[tuple[str, bytes]]:
     if not samples:
         st.info("No sample images are installed (run `python scripts/make_samples.py`).")
         return []
-    st.caption("Images from the official MedMNIST **test** split (never used for training); "
-               "the true class is under each image. Click **Try** to classify one.")
-    per_row = 8
-    for start in range(0, len(samples), per_row):
-        columns = st.columns(per_row, vertical_alignment="bottom")
-        for column, sample in zip(columns, samples[start:start + per_row]):
-            with column:
-                try:
-                    st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84, caption=sample.caption)
-                except Exception:
-                    st.caption(sample.caption)
-                st.button("Try", key=f"sample_{task}_{sample.path.stem}", on_click=_pick_sample,
-                          args=(task, sample.name), width="stretch")
-    st.button(f"Classify all {len(samples)} samples", key=f"sample_{task}_all", on_click=_pick_sample,
-              args=(task, "*"))
     chosen_task, chosen = st.session_state.get("sample") or (None, None)
-    if chosen_task != task or not chosen:
+    if chosen_task != task:
+        chosen = None
+    # Once a sample is picked, the tiles fold away so its result is not pushed below the fold.
+    gallery = st.expander("Sample gallery: pick another image") if chosen else st.container()
+    with gallery:
+        st.caption("Images from the official MedMNIST **test** split (never used for training), the first "
+                   "of each class in the split's order; the true class is under each image. Click **Try** to "
+                   "classify one.")
+        per_row = 8
+        for start in range(0, len(samples), per_row):
+            columns = st.columns(per_row, vertical_alignment="bottom")
+            for column, sample in zip(columns, samples[start:start + per_row]):
+                with column:
+                    try:
+                        st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84, caption=sample.caption)
+                    except Exception:
+                        st.caption(sample.caption)
+                    st.button("Try", key=f"sample_{task}_{sample.path.stem}", on_click=_pick_sample,
+                              args=(task, sample.name), width="stretch")
+        st.button(f"Classify all {len(samples)} samples", key=f"sample_{task}_all", on_click=_pick_sample,
+                  args=(task, "*"))
+    if not chosen:
         return []
     picked = samples if chosen == "*" else [s for s in samples if s.name == chosen]
     if len(picked) == 1:
@@ -204,13 +210,10 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         st.markdown(aps.prediction_markdown(prediction))
     if spec.decision == "threshold":
         positive, sentence = aps.breast_verdict(prediction)
-        p = prediction.p_positive
         if positive:
-            st.warning(f"{sentence} (P(malignant) = {p:.1%}, at or above the model's threshold of "
-                       f"{prediction.threshold:.1%})", icon=":material/clinical_notes:")
+            st.warning(sentence, icon=":material/clinical_notes:")
         else:
-            st.info(f"{sentence} (P(malignant) = {p:.1%}, below the model's threshold of "
-                    f"{prediction.threshold:.1%})", icon=":material/info:")
+            st.info(sentence, icon=":material/info:")
         st.altair_chart(threshold_chart(prediction, spec), width="stretch")
         st.caption(aps.BREAST_NOTE)
     else:
@@ -247,7 +250,7 @@ def classify(task: str, predictor, items: list[tuple[str, bytes]]) -> list["aps.
     return results
 
 
-def show_batch(results, spec, task: str, items) -> None:
+def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = None) -> None:
     counts = aps.summary(results)
     st.markdown(f"**{counts['total']} images:** {counts['classified']} classified, "
                 f"{counts['unreliable']} unlike the training data (no reliable answer), "
@@ -257,13 +260,16 @@ def show_batch(results, spec, task: str, items) -> None:
         st.error(f"**{result.name}**: {result.error}", icon=":material/error:")
     if len(failed) > MAX_ERRORS_SHOWN:
         st.caption(f"…and {len(failed) - MAX_ERRORS_SHOWN} more files that could not be read (see the table).")
-    table = aps.results_table(results, spec)
+    table = aps.results_table(results, spec, truth)
     st.dataframe(table, hide_index=True, width="stretch", column_config={
+        "true_class": st.column_config.TextColumn("true class"),
+        "agrees": st.column_config.CheckboxColumn("label = true class"),
         "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),
-        **({"p_malignant": st.column_config.NumberColumn("P(malignant)", format="%.3f"),
-            "threshold": st.column_config.NumberColumn("threshold", format="%.3f")}
-           if spec.decision == "threshold" else {}),
+        "p_malignant": st.column_config.NumberColumn("P(malignant)", format="%.3f"),
+        "threshold": st.column_config.NumberColumn("threshold", format="%.3f"),
         "ood": st.column_config.CheckboxColumn("unlike training data"),
+        "warnings": st.column_config.TextColumn("warnings", width="large"),
+        "error": st.column_config.TextColumn("error", width="large"),
     })
     st.download_button("Download results (CSV)", aps.results_csv(table), file_name=aps.csv_name(task),
                        mime="text/csv", on_click="ignore", key="download_csv")
@@ -294,7 +300,8 @@ def classify_tab(task: str, predictor) -> None:
     if len(results) == 1:
         show_result(results[0], spec, task, items[0][1], key="single")
     else:
-        show_batch(results, spec, task, items)
+        truth = {s.name: s.label for s in aps.list_samples(task)} if source == SOURCES[2] else None
+        show_batch(results, spec, task, items, truth)
 
 
 # ---------------------------------------------------------------------------

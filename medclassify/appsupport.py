@@ -32,9 +32,11 @@ DISCLAIMER = (
 UNRELIABLE = "This image is unlike the training data, so the app cannot give a reliable answer for it."
 NO_ANSWER = "no reliable answer"
 
-#: Wording of the breast result: suggestions, never absolute statements.
-BREAST_POSITIVE = "Findings suggest malignancy — refer to a specialist."
-BREAST_NEGATIVE = "No malignant pattern detected by this model."
+#: Wording of the breast result: what the model's threshold rule says, never advice (see DISCLAIMER) and never
+#: reassurance: at the shipped threshold the model still misses some malignant images.
+BREAST_POSITIVE = "Flagged by this model as possibly malignant"
+BREAST_NEGATIVE = "Not flagged by this model"
+BREAST_NOT_RULED_OUT = "This does not rule out malignancy."
 BREAST_NOTE = (
     "P(malignant) is compared with the model's threshold, which was chosen on the validation split to miss "
     "few malignant images, so many benign images are flagged too. This is not a diagnosis: only a qualified "
@@ -129,10 +131,14 @@ def confidence(prediction) -> float:
 
 
 def breast_verdict(prediction) -> tuple[bool, str]:
-    """(positive?, careful sentence) for a breast prediction."""
+    """(positive?, careful sentence with P(malignant) and the threshold) for a breast prediction."""
     spec = get_task(prediction.task)
     positive = prediction.class_index == spec.positive_class
-    return positive, BREAST_POSITIVE if positive else BREAST_NEGATIVE
+    p, threshold = float(prediction.p_positive), float(prediction.threshold)
+    if positive:
+        return True, f"{BREAST_POSITIVE} (P(malignant) = {p:.1%}, at or above its threshold of {threshold:.1%})."
+    return False, (f"{BREAST_NEGATIVE} (P(malignant) = {p:.1%}, below its threshold of {threshold:.1%}). "
+                   f"{BREAST_NOT_RULED_OUT}")
 
 
 def prediction_markdown(prediction) -> str:
@@ -147,19 +153,24 @@ def probabilities_frame(prediction):
                          "probability": [float(p) for p in prediction.probabilities.values()]})
 
 
-def results_table(results: Iterable[ImageResult], spec: TaskSpec | str):
-    """One row per file: file, label, confidence, [P(malignant), threshold,] ood, warnings, error."""
+def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: Optional[dict[str, str]] = None):
+    """One row per file: file, label, [true_class, agrees,] confidence or P(malignant) and threshold, ood,
+    warnings, error.
+
+    A thresholded task (breast) has no confidence column: its label comes from comparing P(malignant) with the
+    threshold, so the probability of the label can be well under 50% ("malignant" at P = 0.30 > 0.18) and
+    would read as a contradiction.  ``truth`` (file name -> true class, for the sample gallery) adds the
+    true class and whether the label agrees with it (empty when there is no label).
+    """
     import pandas as pd
 
     spec = get_task(spec) if isinstance(spec, str) else spec
     threshold_task = spec.decision == "threshold"
+    scores = ["p_malignant", "threshold"] if threshold_task else ["confidence"]
     rows = []
     for result in results:
-        row = {"file": result.name, "label": "", "confidence": None}
-        if threshold_task:
-            row["p_malignant"] = None
-            row["threshold"] = None
-        row.update(ood=None, warnings="", error="")
+        row = {"file": result.name, "label": "", "true_class": (truth or {}).get(result.name, ""), "agrees": None,
+               **dict.fromkeys(scores), "ood": None, "warnings": "", "error": ""}
         prediction = result.prediction
         if prediction is None:
             row["error"] = result.error or "could not process this image"
@@ -169,20 +180,22 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str):
             row["warnings"] = "; ".join(prediction.warnings)
         else:
             row["label"] = prediction.label
-            row["confidence"] = round(confidence(prediction), 4)
             row["ood"] = False
+            if row["true_class"]:
+                row["agrees"] = prediction.label == row["true_class"]
             if threshold_task:
                 row["p_malignant"] = round(float(prediction.p_positive), 4)
                 row["threshold"] = round(float(prediction.threshold), 4)
+            else:
+                row["confidence"] = round(confidence(prediction), 4)
         rows.append(row)
-    columns = ["file", "label", "confidence"] + (["p_malignant", "threshold"] if threshold_task else []) + [
-        "ood", "warnings", "error"]
+    columns = ["file", "label"] + (["true_class", "agrees"] if truth else []) + scores + ["ood", "warnings", "error"]
     frame = pd.DataFrame(rows, columns=columns)
-    frame["confidence"] = frame["confidence"].astype("Float64")
-    if threshold_task:
-        frame["p_malignant"] = frame["p_malignant"].astype("Float64")
-        frame["threshold"] = frame["threshold"].astype("Float64")
-    frame["ood"] = frame["ood"].astype("boolean")
+    for column in scores:
+        frame[column] = frame[column].astype("Float64")
+    for column in ("ood", "agrees"):
+        if column in frame:
+            frame[column] = frame[column].astype("boolean")
     return frame
 
 

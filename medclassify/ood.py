@@ -84,8 +84,8 @@ class OODDetector:
         if self.means is not None and self.threshold is not None:
             score = float(self.distances(features)[0])
             if score > self.threshold:
-                reasons.append("unlike the training images (feature distance "
-                               f"{score:.0f} > {self.threshold:.0f}): the prediction is not reliable")
+                reasons.append(f"unlike the training images (distance score {score:.0f}, over the model's limit "
+                               f"of {self.threshold:.0f}): the prediction is not reliable")
         return Verdict(bool(reasons), reasons, score)
 
 

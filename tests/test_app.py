@@ -212,6 +212,10 @@ def test_sample_gallery_one_click(task):
     labels = predicted_labels(at)
     assert len(labels) == 1 and labels[0] in get_task(task).class_names
     assert any(f"true class: **{chosen.label}**" in c.value for c in at.caption)
+    # the tiles fold away under the result; another sample can still be picked from there
+    assert at.expander[0].label == "Sample gallery: pick another image"  # above the result's own expanders
+    at.button(key=f"sample_{task}_{samples[0].path.stem}").click().run()
+    assert any(f"true class: **{samples[0].label}**" in c.value for c in at.caption)
     no_traceback(at)
 
 
@@ -221,8 +225,12 @@ def test_sample_gallery_classify_all():
     at.button(key="sample_blood_all").click().run()
     assert not at.exception
     table = at.dataframe[0].value
-    assert len(table) == len(aps.list_samples("blood"))
+    samples = aps.list_samples("blood")
+    assert len(table) == len(samples)
     assert set(table["label"]) <= set(get_task("blood").class_names) | {aps.NO_ANSWER}
+    assert list(table["true_class"]) == [s.label for s in samples]
+    answered = table["label"] != aps.NO_ANSWER
+    assert (table["agrees"][answered] == (table["label"] == table["true_class"])[answered]).all()
 
 
 def test_camera_empty_and_photo():
@@ -253,8 +261,8 @@ def test_batch_upload_table_progress_csv(task):
     assert len(at.error) == 1 and "broken.png" in at.error[0].value
     table = at.dataframe[0].value
     assert list(table["file"]) == [f[0] for f in files]
-    expected = ["file", "label", "confidence"] + (["p_malignant", "threshold"] if spec.decision == "threshold"
-                                                  else []) + ["ood", "warnings", "error"]
+    expected = ["file", "label"] + (["p_malignant", "threshold"] if spec.decision == "threshold"
+                                    else ["confidence"]) + ["ood", "warnings", "error"]
     assert list(table.columns) == expected
     assert set(table["label"][:3]) <= set(spec.class_names) | {aps.NO_ANSWER}
     assert table["error"].iloc[3] and not table["error"].iloc[:3].any()

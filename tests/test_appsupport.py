@@ -166,7 +166,7 @@ def test_results_table_blood():
                aps.ImageResult("b.png", fake_prediction("blood", 1, ood=True)),
                aps.ImageResult("c.png", error="not a recognised image file")]
     table = aps.results_table(results, "blood")
-    assert list(table.columns) == ["file", "label", "confidence", "ood", "warnings", "error"]
+    assert list(table.columns) == ["file", "label", "confidence", "ood", "warnings", "error"]  # no truth given
     assert table.loc[0, "label"] == "neutrophil" and table.loc[0, "confidence"] == pytest.approx(0.8)
     assert not table.loc[0, "ood"]
     # unlike the training data: no label is given, only the reasons
@@ -175,13 +175,29 @@ def test_results_table_blood():
     assert table.loc[2, "error"] == "not a recognised image file" and table.loc[2, "label"] == ""
 
 
-def test_results_table_breast_has_p_malignant_and_threshold():
-    table = aps.results_table([aps.ImageResult("m.png", fake_prediction("breast", 0, p=0.7)),
+def test_results_table_breast_has_p_malignant_and_threshold_not_a_confidence():
+    # "malignant" at P(malignant) 0.25 > threshold 0.2: a confidence of 0.25 for that label would read as a bug
+    malignant = fake_prediction("breast", 0, p=0.25)
+    malignant.threshold = 0.2
+    table = aps.results_table([aps.ImageResult("m.png", malignant),
                                aps.ImageResult("x.png", error="file is empty")], get_task("breast"))
-    assert list(table.columns) == ["file", "label", "confidence", "p_malignant", "threshold", "ood", "warnings",
-                                   "error"]
-    assert table.loc[0, "p_malignant"] == pytest.approx(0.7)
-    assert table.loc[0, "threshold"] == pytest.approx(0.3)
+    assert list(table.columns) == ["file", "label", "p_malignant", "threshold", "ood", "warnings", "error"]
+    assert table.loc[0, "label"] == "malignant"
+    assert table.loc[0, "p_malignant"] == pytest.approx(0.25)
+    assert table.loc[0, "threshold"] == pytest.approx(0.2)
+
+
+def test_results_table_with_the_true_classes_of_the_gallery():
+    results = [aps.ImageResult("n.png", fake_prediction("blood", 6)),
+               aps.ImageResult("e.png", fake_prediction("blood", 6)),
+               aps.ImageResult("o.png", fake_prediction("blood", 1, ood=True)),
+               aps.ImageResult("x.png", error="bad")]
+    truth = {"n.png": "neutrophil", "e.png": "eosinophil", "o.png": "eosinophil", "x.png": "basophil"}
+    table = aps.results_table(results, "blood", truth)
+    assert list(table.columns) == ["file", "label", "true_class", "agrees", "confidence", "ood", "warnings", "error"]
+    assert list(table["true_class"]) == ["neutrophil", "eosinophil", "eosinophil", "basophil"]
+    assert table["agrees"].tolist()[:2] == [True, False]
+    assert table["agrees"].isna().tolist()[2:] == [True, True]  # no label, nothing to agree with
 
 
 def test_results_csv_round_trip():
@@ -198,13 +214,17 @@ def test_results_csv_round_trip():
 
 
 def test_breast_wording_is_careful():
-    positive, text = aps.breast_verdict(fake_prediction("breast", 0))
-    assert positive and text == aps.BREAST_POSITIVE and "refer to a specialist" in text
-    positive, text = aps.breast_verdict(fake_prediction("breast", 1))
-    assert not positive and text == aps.BREAST_NEGATIVE and "by this model" in text
-    for sentence in (aps.BREAST_POSITIVE, aps.BREAST_NEGATIVE, aps.BREAST_NOTE):
+    positive, flagged = aps.breast_verdict(fake_prediction("breast", 0, p=0.9))
+    assert positive and flagged.startswith(aps.BREAST_POSITIVE)
+    assert "P(malignant) = 90.0%" in flagged and "threshold of 30.0%" in flagged
+    positive, not_flagged = aps.breast_verdict(fake_prediction("breast", 1, p=0.9))
+    assert not positive and not_flagged.startswith(aps.BREAST_NEGATIVE)
+    assert "P(malignant) = 10.0%" in not_flagged and not_flagged.endswith(aps.BREAST_NOT_RULED_OUT)
+    for sentence in (flagged, not_flagged, aps.BREAST_NOTE):
         lowered = sentence.lower()
         assert "you have" not in lowered and "definitely" not in lowered and "cancer-free" not in lowered
+        # research software: no clinical advice (the disclaimer rules out triage), no reassurance
+        assert "refer" not in lowered and "specialist" not in lowered and "no malignant" not in lowered
 
 
 def test_prediction_markdown_has_stable_prefix():
