@@ -336,7 +336,7 @@ def about_tab(task: str, predictor) -> None:
             st.info(f"Test-set results are not in this model card yet. Shown: the validation split"
                     f"{f' ({n} images)' if n else ''}, which was used to select the model, its calibration and "
                     "threshold — so these numbers are optimistic.")
-        table = aps.metrics_frame(metrics)
+        table = aps.metrics_frame(metrics, aps.served_metrics(card, split, predictor.precision))
         if not table["95% CI"].astype(bool).any():
             table = table.drop(columns="95% CI")
         st.dataframe(table, hide_index=True, width="stretch", height=_table_height(len(table)))

@@ -316,8 +316,14 @@ def _number(value) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
-def metrics_frame(metrics: dict):
-    """Metric, value and 95% bootstrap CI (when the card has one) as a table."""
+SERVED_COLUMN = "int8 copy (answers here)"
+
+
+def metrics_frame(metrics: dict, served: Optional[dict] = None):
+    """Metric, value and 95% bootstrap CI (when the card has one) as a table.
+
+    ``served``: the same metrics of the int8 serving copy, which gives the answers on screen, as one more column.
+    """
     import pandas as pd
 
     cis = metrics.get("ci95") or {}
@@ -330,8 +336,21 @@ def metrics_frame(metrics: dict):
         ci_text = ""
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
             ci_text = f"{float(ci[0]):.3f} – {float(ci[1]):.3f}"
-        rows.append({"metric": title, "value": round(value, 4), "95% CI": ci_text})
-    return pd.DataFrame(rows, columns=["metric", "value", "95% CI"])
+        row = {"metric": title, "value": round(value, 4), "95% CI": ci_text}
+        if served:
+            served_value = _number(served.get(key))
+            row[SERVED_COLUMN] = None if served_value is None else round(served_value, 4)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["metric", "value", "95% CI"] + ([SERVED_COLUMN] if served else []))
+
+
+def served_metrics(card: dict, split: Optional[str], precision: str) -> Optional[dict]:
+    """The int8 copy's metrics on ``split``, when that copy is what answers (see ``serving_text``)."""
+    serving = (card or {}).get("serving") or {}
+    section = {"test": "test", "validation": "val"}.get(split or "")
+    if precision != "int8" or section is None:
+        return None
+    return (serving.get(section) or {}).get("int8_metrics") or None
 
 
 def confusion_frame(metrics: dict, class_names: Sequence[str]):

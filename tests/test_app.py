@@ -302,6 +302,8 @@ def test_about_the_model(task):
 
     predictor = get_predictor(task)
     assert f"**How answers are computed.** {aps.serving_text(predictor.card, predictor.precision)}" in markdown
+    if predictor.precision == "int8":  # the performance table shows the copy that answers beside the model
+        assert aps.SERVED_COLUMN in at.dataframe[0].value.columns
     command = aps.training_command(predictor.card)
     if command:
         assert any(command in c.value for c in at.code)

@@ -344,6 +344,21 @@ def test_metrics_frame_with_confidence_intervals():
     assert aps.metrics_frame({"auc": float("nan")}).empty
 
 
+def test_metrics_frame_with_the_served_copy_beside_the_model():
+    card = {"test": {"accuracy": 0.9, "auc": 0.95},
+            "serving": {"test": {"int8_metrics": {"accuracy": 0.89, "auc": 0.951}}, "val": {"int8_metrics": {}}}}
+    served = aps.served_metrics(card, "test", "int8")
+    frame = aps.metrics_frame(card["test"], served).set_index("metric")
+    assert frame.loc["Accuracy", "value"] == pytest.approx(0.9)
+    assert frame.loc["Accuracy", aps.SERVED_COLUMN] == pytest.approx(0.89)
+    assert frame.loc["AUC", aps.SERVED_COLUMN] == pytest.approx(0.951)
+    # answered in float, or no copy's metrics for that split: no column
+    assert aps.served_metrics(card, "test", "float") is None
+    assert aps.served_metrics(card, "validation", "int8") is None
+    assert aps.served_metrics({}, "test", "int8") is None
+    assert aps.SERVED_COLUMN not in aps.metrics_frame(card["test"], None).columns
+
+
 def test_confusion_and_per_class_frames():
     frame = aps.confusion_frame(CARD["test"], get_task("breast").class_names)
     assert frame.loc["true: malignant", "pred: normal/benign"] == 12
@@ -378,6 +393,10 @@ def test_shipped_cards_render(predictors, task):
     card = predictors[task].card
     split, metrics = aps.card_metrics(card)
     if metrics is not None:
-        aps.metrics_frame(metrics)
+        served = aps.served_metrics(card, split, predictors[task].precision)
+        frame = aps.metrics_frame(metrics, served)
+        if predictors[task].precision == "int8":  # the shipped models answer through their int8 copies
+            served_rows = frame.set_index("metric")[aps.SERVED_COLUMN]
+            assert served_rows[["Accuracy", "AUC"]].notna().all()
         aps.confusion_frame(metrics, get_task(task).class_names)
     json.dumps(card)  # the card is plain JSON
