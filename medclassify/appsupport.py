@@ -341,7 +341,10 @@ def metrics_frame(metrics: dict, served: Optional[dict] = None):
             served_value = _number(served.get(key))
             row[SERVED_COLUMN] = None if served_value is None else round(served_value, 4)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["metric", "value", "95% CI"] + ([SERVED_COLUMN] if served else []))
+    frame = pd.DataFrame(rows, columns=["metric", "value", "95% CI"] + ([SERVED_COLUMN] if served else []))
+    if served:
+        frame[SERVED_COLUMN] = frame[SERVED_COLUMN].astype("Float64")  # a metric the copy lacks shows empty
+    return frame
 
 
 def served_metrics(card: dict, split: Optional[str], precision: str) -> Optional[dict]:

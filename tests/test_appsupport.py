@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -352,6 +353,9 @@ def test_metrics_frame_with_the_served_copy_beside_the_model():
     assert frame.loc["Accuracy", "value"] == pytest.approx(0.9)
     assert frame.loc["Accuracy", aps.SERVED_COLUMN] == pytest.approx(0.89)
     assert frame.loc["AUC", aps.SERVED_COLUMN] == pytest.approx(0.951)
+    partly = aps.metrics_frame({**card["test"], "ece": 0.02}, served).set_index("metric")
+    assert partly.loc["Accuracy", aps.SERVED_COLUMN] == pytest.approx(0.89)
+    assert partly.loc["Expected calibration error", aps.SERVED_COLUMN] is pd.NA  # the copy's card lacks it
     # answered in float, or no copy's metrics for that split: no column
     assert aps.served_metrics(card, "test", "float") is None
     assert aps.served_metrics(card, "validation", "int8") is None
