@@ -84,11 +84,12 @@ def _pick_sample(task: str, name: str) -> None:
     st.session_state["sample"] = (task, name)
 
 
-def sample_items(task: str) -> list[tuple[str, bytes]]:
+def sample_items(task: str) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """The picked samples as (name, bytes), and their true classes by name."""
     samples = aps.list_samples(task)
     if not samples:
         st.info("No sample images are installed (run `python scripts/make_samples.py`).")
-        return []
+        return [], {}
     chosen_task, chosen = st.session_state.get("sample") or (None, None)
     if chosen_task != task:
         chosen = None
@@ -112,11 +113,11 @@ def sample_items(task: str) -> list[tuple[str, bytes]]:
         st.button(f"Classify all {len(samples)} samples", key=f"sample_{task}_all", on_click=_pick_sample,
                   args=(task, "*"))
     if not chosen:
-        return []
+        return [], {}
     picked = samples if chosen == "*" else [s for s in samples if s.name == chosen]
     if len(picked) == 1:
         st.caption(f"Sample **{picked[0].name}** — true class: **{picked[0].label}**")
-    return [(s.name, s.path.read_bytes()) for s in picked]
+    return [(s.name, s.path.read_bytes()) for s in picked], {s.name: s.label for s in picked}
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -286,12 +287,13 @@ def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = N
 def classify_tab(task: str, predictor) -> None:
     spec = get_task(task)
     source = st.radio("Input", SOURCES, horizontal=True, key="source", label_visibility="collapsed")
+    truth = None  # true classes, known only for gallery samples
     if source == SOURCES[0]:
         items = upload_items()
     elif source == SOURCES[1]:
         items = camera_items()
     else:
-        items = sample_items(task)
+        items, truth = sample_items(task)
     if not items:
         if source == SOURCES[0]:
             st.caption("Upload an image to classify it, or try the sample gallery.")
@@ -300,7 +302,6 @@ def classify_tab(task: str, predictor) -> None:
     if len(results) == 1:
         show_result(results[0], spec, task, items[0][1], key="single")
     else:
-        truth = {s.name: s.label for s in aps.list_samples(task)} if source == SOURCES[2] else None
         show_batch(results, spec, task, items, truth)
 
 

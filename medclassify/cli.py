@@ -143,29 +143,35 @@ def _command_line(args) -> str:
     return "python -m medclassify " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+# TrainConfig fields whose command-line option is not simply "--" + the field name
+_TRAIN_OPTION = {"learning_rate": "--lr", "finetune_learning_rate": "--finetune-lr"}
+
+
 def _train(args) -> int:
     from .data import DataError
     from .registry import get_task
-    from .training import TrainConfig, save_trained, train
+    from .training import InvalidConfig, TrainConfig, save_trained, train
 
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
     except ValueError:
         print(f"error: --widths must be comma-separated integers, got {args.widths!r}", file=sys.stderr)
         return 2
-    if not 0.0 <= args.ema < 1.0:
-        print(f"error: --ema must be in [0, 1), got {args.ema}", file=sys.stderr)
+    try:
+        cfg = TrainConfig(
+            task=args.task, model=args.model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+            weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup=args.mixup, ema=args.ema,
+            augment=not args.no_augment, augmentation=args.augmentation,
+            class_weight=args.class_weight, smote=args.smote, widths=widths, dropout=args.dropout, seed=args.seed,
+            limit=args.limit, data_dir=args.data_dir, vgg16_weights=args.vgg16_weights,
+            vgg16_input_size=args.vgg16_input_size, finetune_epochs=args.finetune_epochs,
+            finetune_learning_rate=args.finetune_lr, target_sensitivity=args.target_sensitivity, ensemble=args.ensemble,
+            verbose=0 if args.quiet else (1 if sys.stderr.isatty() else 2),
+        )
+    except InvalidConfig as exc:
+        option = _TRAIN_OPTION.get(exc.field, "--" + exc.field.replace("_", "-"))
+        print(f"error: {option} must be {exc.rule}, got {exc.value!r}", file=sys.stderr)
         return 2
-    cfg = TrainConfig(
-        task=args.task, model=args.model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup=args.mixup, ema=args.ema,
-        augment=not args.no_augment, augmentation=args.augmentation,
-        class_weight=args.class_weight, smote=args.smote, widths=widths, dropout=args.dropout, seed=args.seed,
-        limit=args.limit, data_dir=args.data_dir, vgg16_weights=args.vgg16_weights,
-        vgg16_input_size=args.vgg16_input_size, finetune_epochs=args.finetune_epochs,
-        finetune_learning_rate=args.finetune_lr, target_sensitivity=args.target_sensitivity, ensemble=args.ensemble,
-        verbose=0 if args.quiet else (1 if sys.stderr.isatty() else 2),
-    )
     out = args.out or str(get_task(args.task).model_path)
     try:
         result = train(cfg)

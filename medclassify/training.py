@@ -20,8 +20,8 @@ import numpy as np
 
 from . import __version__
 from .data import Split, load_split
-from .models import predict_probabilities
-from .registry import TaskSpec, get_task
+from .models import AUGMENTATION_POLICIES, predict_probabilities
+from .registry import TASKS, TaskSpec, get_task
 
 
 @dataclass
@@ -52,6 +52,41 @@ class TrainConfig:
     ensemble: int = 1  # >1: train this many seeds and ship the logit average as one model
     verbose: int = 2
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # Checked here, not only in the CLI, so that library code and notebooks cannot start a
+        # run that would fail an hour in or, worse, silently train something else (mixup < 0
+        # used to mean "off").
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise InvalidConfig(name, rule, getattr(self, name))
+
+        need(self.task in TASKS, "task", f"one of {sorted(TASKS)}")
+        need(self.model in ("cnn", "vgg16"), "model", "'cnn' or 'vgg16'")
+        need(self.epochs >= 1, "epochs", "at least 1")
+        need(self.batch_size >= 1, "batch_size", "at least 1")
+        need(self.learning_rate > 0, "learning_rate", "positive")
+        need(self.weight_decay >= 0, "weight_decay", "0 or more")
+        need(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
+        need(self.mixup >= 0, "mixup", "0 (off) or more")
+        need(0.0 <= self.ema < 1.0, "ema", "in [0, 1)")
+        need(self.augmentation in AUGMENTATION_POLICIES, "augmentation", f"one of {list(AUGMENTATION_POLICIES)}")
+        need(len(self.widths) >= 1 and all(w >= 1 for w in self.widths), "widths", "one or more positive integers")
+        need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        need(self.limit is None or self.limit >= 1, "limit", "at least 1")
+        need(self.vgg16_input_size >= 32, "vgg16_input_size", "at least 32 (VGG16's smallest input)")
+        need(self.finetune_epochs >= 0, "finetune_epochs", "0 or more")
+        need(self.finetune_learning_rate > 0, "finetune_learning_rate", "positive")
+        need(0.0 < self.target_sensitivity <= 1.0, "target_sensitivity", "in (0, 1]")
+        need(self.ensemble >= 1, "ensemble", "at least 1")
+
+
+class InvalidConfig(ValueError):
+    """A ``TrainConfig`` setting out of range: ``field`` must be ``rule`` but is ``value``."""
+
+    def __init__(self, field_name: str, rule: str, value):
+        super().__init__(f"{field_name} must be {rule}, got {value!r}")
+        self.field, self.rule, self.value = field_name, rule, value
 
 
 @dataclass

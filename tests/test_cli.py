@@ -123,7 +123,8 @@ def test_train_smoke_blood(capsys, tmp_path, fixture_data_dir):
     _train_smoke(capsys, tmp_path, fixture_data_dir, "blood", 96)
 
 
-@pytest.mark.parametrize("bad", ["widths=32,x", "ema=1.0", "ema=-0.1"])
+@pytest.mark.parametrize("bad", ["widths=32,x", "widths=32,0", "ema=1.0", "ema=-0.1", "mixup=-0.4", "epochs=0",
+                                 "lr=0", "ensemble=0", "target-sensitivity=1.5", "finetune-lr=-1"])
 def test_train_rejects_bad_settings_exit_2(capsys, tmp_path, bad):
     name, value = bad.split("=")
     code, _, err = run_main(capsys, "train", "--task", "breast", f"--{name}", value, "--out", tmp_path / "m.h5")

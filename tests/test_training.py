@@ -14,6 +14,7 @@ from medclassify.data import Split
 from medclassify.models import load_model, model_temperature
 from medclassify.registry import get_task
 from medclassify.training import (
+    InvalidConfig,
     TrainConfig,
     balanced_class_weight,
     choose_threshold,
@@ -31,6 +32,29 @@ def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- recipe validation
+
+@pytest.mark.parametrize("setting", [
+    {"task": "chest"}, {"model": "resnet"}, {"epochs": 0}, {"batch_size": 0}, {"learning_rate": 0.0},
+    {"weight_decay": -1e-4}, {"label_smoothing": 1.0}, {"mixup": -0.4}, {"ema": 1.0}, {"ema": -0.1},
+    {"augmentation": "heavy"}, {"widths": ()}, {"widths": (32, 0)}, {"dropout": 1.0}, {"limit": 0},
+    {"vgg16_input_size": 28}, {"finetune_epochs": -1}, {"finetune_learning_rate": 0.0},
+    {"target_sensitivity": 0.0}, {"target_sensitivity": 1.01}, {"ensemble": 0},
+])
+def test_train_config_refuses_settings_out_of_range(setting):
+    name, value = next(iter(setting.items()))
+    with pytest.raises(InvalidConfig) as caught:
+        TrainConfig(**{"task": "breast", **setting})
+    assert caught.value.field == name and caught.value.value == value and str(caught.value).startswith(f"{name} must")
+
+
+def test_train_config_accepts_every_shipped_recipe_and_the_edges():
+    from medclassify.experiments import VARIANTS
+
+    assert all(isinstance(cfg, TrainConfig) for recipes in VARIANTS.values() for cfg in recipes.values())
+    TrainConfig(task="breast", ema=0.0, mixup=0.0, dropout=0.0, target_sensitivity=1.0, limit=1, widths=(1,))
 
 
 # --------------------------------------------------------------------------- smoke training (tiny_models fixture)
