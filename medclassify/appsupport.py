@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .inference import NO_ANSWER
 from .preprocessing import ImageError
 from .registry import REPO_ROOT, TaskSpec, get_task
 
@@ -30,7 +31,6 @@ DISCLAIMER = (
 )
 
 UNRELIABLE = "This image is unlike the training data, so the app cannot give a reliable answer for it."
-NO_ANSWER = "no reliable answer"
 
 #: Wording of the breast result: what the model's threshold rule says, never advice (see DISCLAIMER) and never
 #: reassurance: at the shipped threshold the model still misses some malignant images.

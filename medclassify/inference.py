@@ -48,6 +48,8 @@ SINGLE_RUNTIME_ENV = "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME"  # "tflite" (default) or
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"}
 FEATURE_LAYER = "pool"
+#: What the CLI and the app say instead of a label for an image unlike the training data.
+NO_ANSWER = "no reliable answer"
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -536,6 +538,10 @@ def run_predict_cli(args) -> int:
     as_json = getattr(args, "json", False)
     seen = failed = 0
     out = sys.stdout
+    try:  # a file name that is not valid UTF-8 must not end the run with a traceback
+        out.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
     try:
         for source, result in predictor.predict_many(expand_paths(args.paths), batch_size=batch_size):
             seen += 1
@@ -544,10 +550,10 @@ def run_predict_cli(args) -> int:
                 line = json.dumps({"file": source, "error": result}) if as_json else f"{source}\terror: {result}"
             elif as_json:
                 line = json.dumps(result.to_json(file=source))
+            elif result.ood:  # as in the app: an image unlike the training data gets no answer, only the reason
+                line = f"{source}\t{NO_ANSWER}\t-\tWARNING: " + "; ".join(result.warnings)
             else:
-                top = result.probabilities[result.label]
-                flag = "\tWARNING: " + "; ".join(result.warnings) if result.ood else ""
-                line = f"{source}\t{result.label}\t{top:.3f}{flag}"
+                line = f"{source}\t{result.label}\t{result.probabilities[result.label]:.3f}"
             out.write(line + "\n")
             if seen % batch_size == 0:
                 out.flush()

@@ -32,6 +32,13 @@ MAX_PIXELS = 50_000_000
 MAX_BYTES = 50 * 1024 * 1024
 #: Smaller than this carries no usable information.
 MIN_SIDE = 8
+#: Longer side over shorter side beyond which an image cannot be a cell or an ultrasound frame:
+#: squashing it to a square would give the model a picture it never saw.
+MAX_ASPECT = 4.0
+#: The formats an upload may be; Pillow would otherwise also open EPS (which it hands to Ghostscript,
+#: through a temporary file) and a long tail of formats nobody exports a microscope or ultrasound image to.
+#: ("JPEG" includes the multi-picture JPEGs, MPO, that many cameras write.)
+DECODE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 
 
 class ImageError(ValueError):
@@ -53,7 +60,7 @@ def open_image(source: ImageLike) -> Image.Image:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
                 _check_dimensions(image.size)
                 image.seek(0)  # animated GIF/PNG/WebP: first frame
                 image.load()
@@ -100,6 +107,9 @@ def _check_dimensions(size: tuple[int, int]) -> None:
         raise ImageError(f"image is too large ({width}x{height}; at most {MAX_PIXELS:,} pixels)")
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"image is too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE} pixels)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(f"image is {width}x{height}, too elongated for a single cell or ultrasound image "
+                         f"(at most {MAX_ASPECT:g}:1)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -115,17 +125,36 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
         raise ImageError(f"array of shape {array.shape} is not an image (H x W, H x W x 3 or H x W x 4)")
     _check_dimensions((array.shape[1], array.shape[0]))
     if array.dtype != np.uint8:
-        array = _to_uint8(array.astype(np.float64))
+        array = _to_uint8(array)
     return Image.fromarray(array)
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Stretch any numeric range to 0..255 (16-bit, integer and float images)."""
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(values.min()), float(values.max())
+def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Map pixel values onto 0..255 by the range the format can hold, not by the image's own extremes.
+
+    Stretching each image to its own minimum and maximum (what this did before) made a 16-bit export
+    brighter or darker than the same picture in 8 bits -- enough to flip breast decisions -- and let
+    one hot pixel black out the rest.  MedMNIST never stretched.  Without ``value_range`` (DICOM
+    knows its own), non-negative data is taken to fill the smallest usual container that holds it:
+    [0, 1] for floats, else 8, 10, 12, 14, 16 or 32 bits, so a 12-bit scan in a 16-bit file is
+    not shown at 1/16 brightness.  Data with negative values has no such convention; it is
+    stretched between its 0.5th and 99.5th percentiles, so outliers cannot set the scale.
+    """
+    integers = np.issubdtype(np.asarray(values).dtype, np.integer)
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if value_range is None:
+        low, high = float(values.min()), float(values.max())
+        if low < 0:
+            low, high = (float(v) for v in np.percentile(values, (0.5, 99.5)))
+        elif high <= 1.0 and not integers:  # floats (and booleans) in [0, 1]
+            low, high = 0.0, 1.0
+        else:
+            low, high = 0.0, float(next(2.0 ** b - 1 for b in (8, 10, 12, 14, 16, 32, 64) if high <= 2.0 ** b - 1))
+    else:
+        low, high = value_range
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.round(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _dicom_to_image(data: bytes) -> Image.Image:
@@ -145,14 +174,53 @@ def _dicom_to_image(data: bytes) -> Image.Image:
     try:
         pixels = pixel_array(dataset, index=0)  # multi-frame (cine loops): the first frame, the others undecoded
     except Exception as exc:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed:
+            raise ImageError(f"DICOM compressed as {syntax.name} cannot be read here; "
+                             "export it uncompressed or as PNG") from None
         raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # MONOCHROME1 shows low values as white
-    return _array_to_image(pixels)
+    try:
+        return _array_to_image(_dicom_display_values(dataset, pixels))
+    except ImageError:
+        raise
+    except Exception as exc:  # a malformed LUT or window element
+        raise ImageError(f"DICOM file could not be displayed ({_first_line(exc)})") from None
 
 
-def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to L (channels=1) or RGB (channels=3)."""
+def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
+    """Stored DICOM pixels -> uint8 as a viewer shows them: palette, window, MONOCHROME1 inversion.
+
+    The scale comes from the header (Bits Stored, Pixel Representation), not from the image's
+    extremes, so the same picture gives the same model input whatever the file's bit depth.
+    """
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
+
+    photometric = str(getattr(dataset, "PhotometricInterpretation", "")).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(pixels, dataset)  # 8- or 16-bit entries, by the LUT descriptor
+        return _to_uint8(rgb, (0.0, 255.0 if rgb.dtype == np.uint8 else 65535.0))
+    bits = int(getattr(dataset, "BitsStored", 0) or 8 * pixels.dtype.itemsize)
+    if int(getattr(dataset, "PixelRepresentation", 0) or 0) == 1:
+        low, high = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    else:
+        low, high = 0.0, 2.0 ** bits - 1
+    values = pixels
+    has_window = "WindowCenter" in dataset and "WindowWidth" in dataset
+    if photometric.startswith("MONOCHROME") and has_window and "ModalityLUTSequence" not in dataset:
+        # The window the scan was meant to be read with; pydicom maps it onto the rescaled stored range.
+        slope, intercept = float(getattr(dataset, "RescaleSlope", 1) or 1), float(getattr(dataset, "RescaleIntercept", 0) or 0)
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+        values = apply_windowing(apply_modality_lut(pixels, dataset), dataset)
+    scaled = _to_uint8(values, (low, high))
+    if photometric == "MONOCHROME1":  # low values are shown white
+        scaled = 255 - scaled
+    return scaled
+
+
+def to_mode(image: Image.Image, channels: int, background: int = 255) -> Image.Image:
+    """Convert any PIL mode to L (channels=1) or RGB (channels=3); transparency becomes ``background``."""
+    if "transparency" in image.info and image.mode in ("L", "RGB"):
+        image = image.convert("RGBA" if image.mode == "RGB" else "LA")  # a tRNS colour key: that colour is transparent
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = Image.fromarray(_to_uint8(np.asarray(image)))
@@ -163,10 +231,9 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     elif mode == "1":
         image = image.convert("L")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        # Transparent pixels carry no image: show them as white, as a viewer would.
+        # Transparent pixels carry no image: they become the modality's background.
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (background,) * 3 + (255,)), rgba)
     target = "L" if channels == 1 else "RGB"
     if image.mode != target:
         image = image.convert(target)
@@ -180,6 +247,9 @@ def medmnist_geometry(image: Image.Image, spec: TaskSpec) -> Image.Image:
     is_thumbnail = width == height and width in MEDMNIST_SIZES
     if not is_thumbnail and spec.source_center_crop:
         side = max(1, round(min(width, height) * spec.source_center_crop))
+        if side < MIN_SIDE:
+            raise ImageError(f"image is too small ({width}x{height}): the centre crop MedMNIST takes of "
+                             f"a full-size image would leave only {side}x{side} pixels")
         left = (width - side) // 2
         top = (height - side) // 2
         image = image.crop((left, top, left + side, top + side))
@@ -209,7 +279,7 @@ def prepare(source: ImageLike, task: str | TaskSpec) -> Prepared:
     original_size, original_mode = image.size, image.mode
     try:
         # Reduce in RGB first so the modality check sees the colour the user sent.
-        rgb = medmnist_geometry(to_mode(image, 3), spec)
+        rgb = medmnist_geometry(to_mode(image, 3, spec.background), spec)
         rgb_array = np.asarray(rgb, dtype=np.uint8)
         if spec.channels == 1:
             array = np.asarray(rgb.convert("L"), dtype=np.uint8)[..., None]

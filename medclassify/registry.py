@@ -44,6 +44,9 @@ class TaskSpec:
     positive_class: Optional[int] = None
     # Threshold used when a model carries no card with a validated one.
     default_threshold: float = 0.5
+    # Grey level that transparent pixels of an upload become: the modality's own background
+    # (a stained smear is light, an ultrasound frame outside the beam is black).
+    background: int = 255
     expected_input: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -135,6 +138,7 @@ TASKS: dict[str, TaskSpec] = {
         citation=MEDMNIST_CITATION,
         source_center_crop=None,
         positive_class=0,  # the threshold is on P(malignant); label 0 = malignant
+        background=0,
         expected_input=(
             "A grayscale breast ultrasound image: a 28-px BreastMNIST thumbnail or a "
             "full-size BUSI-style PNG (about 500x500)."

@@ -242,11 +242,13 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", rle: bool = False,
-                claimed_size: Optional[tuple[int, int]] = None) -> Path:
+                claimed_size: Optional[tuple[int, int]] = None, bits_stored: int = 16,
+                window: Optional[tuple[float, float]] = None) -> Path:
     """A minimal valid DICOM file (Secondary Capture, explicit VR little endian) holding ``pixels`` (uint16).
 
     ``pixels`` of shape (frames, rows, columns) gives a multi-frame file; ``rle`` stores it RLE-compressed;
-    ``claimed_size`` (rows, columns) then overwrites the header's size, as a malicious file would.
+    ``claimed_size`` (rows, columns) then overwrites the header's size, as a malicious file would;
+    ``bits_stored`` is the header's significant bits; ``window`` adds (Window Center, Window Width).
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -266,8 +268,10 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(pixels.astype("<u2")).tobytes()
     if rle:

@@ -334,3 +334,33 @@ def test_entry_point_predict(tiny_models, fixture_images, awkward_files):
     lines = json_lines(proc.stdout)
     assert [line["file"] for line in lines] == good + [str(awkward_files["text_renamed_png"])]
     assert "error" in lines[-1] and "label" in lines[0]
+
+
+def test_predict_text_gives_no_label_for_an_image_unlike_the_training_data(capsys, fixture_images):
+    """As in the app: the shipped breast model sees a stained blood cell, and the line says so instead of a label."""
+    from medclassify.inference import get_predictor
+
+    predictor = get_predictor("breast")
+    cell = next(str(info.path) for info in fixture_images.values() if info.task == "blood")
+    scan = next(str(info.path) for info in fixture_images.values()
+                if info.task == "breast" and not predictor.predict(info.path).ood)
+    assert predictor.predict(cell).ood
+    code, stdout, _ = run_main(capsys, "predict", "--task", "breast", "--no-progress", cell, scan)
+    assert code == 0
+    rows = {row[0]: row for row in (line.split("\t") for line in stdout.splitlines())}
+    assert rows[cell][1:3] == ["no reliable answer", "-"] and rows[cell][3].startswith("WARNING: ")
+    assert rows[scan][1] in get_task("breast").class_names and len(rows[scan]) == 3
+
+
+@pytest.mark.slow
+def test_entry_point_predict_survives_a_file_name_that_is_not_utf8(tmp_path, fixture_images):
+    """Linux file names are bytes; a strict UTF-8 stdout must not turn one into a traceback."""
+    scan = next(info.path for info in fixture_images.values() if info.task == "breast")
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/scan\xff.png"))
+    shutil.copyfile(scan, odd)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONIOENCODING": "utf-8:strict"}
+    proc = subprocess.run([sys.executable, "-m", "medclassify", "predict", "--task", "breast", "--no-progress",
+                           str(odd)], cwd=REPO_ROOT, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    line = proc.stdout.decode("utf-8").strip()
+    assert line.startswith(str(tmp_path)) and "scan\\udcff.png\t" in line and "Traceback" not in line

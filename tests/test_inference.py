@@ -420,8 +420,12 @@ def test_cli_predict_text_output(tiny_models, fixture_images, capsys):
                               "--no-progress", *paths], capsys)
     assert code == 0 and len(lines) == len(paths)
     for path, line in zip(paths, lines):
-        file, label, confidence = line.split("\t")[:3]
-        assert file == path and label in get_task("breast").class_names and 0 <= float(confidence) <= 1
+        file, label, confidence, *warning = line.split("\t")
+        assert file == path
+        if label == "no reliable answer":  # the tiny model finds some fixture images unlike its training data
+            assert confidence == "-" and warning[0].startswith("WARNING: ")
+        else:
+            assert label in get_task("breast").class_names and 0 <= float(confidence) <= 1 and not warning
 
 
 def test_cli_predict_breast_json_has_threshold(tiny_models, fixture_images, capsys):

@@ -11,7 +11,15 @@ from PIL import Image
 
 from conftest import AWKWARD_KINDS, gradient, png_header_only, write_dicom
 from medclassify import preprocessing
-from medclassify.preprocessing import ImageError, colourfulness, open_image, prepare, to_model_input
+from medclassify.preprocessing import (
+    MAX_ASPECT,
+    MIN_SIDE,
+    ImageError,
+    colourfulness,
+    open_image,
+    prepare,
+    to_model_input,
+)
 from medclassify.registry import get_task
 
 TASK_NAMES = ("blood", "breast")
@@ -72,15 +80,33 @@ def assert_one_line(message: str) -> None:
 
 # --------------------------------------------------------------------------- properties
 
+def usable_size(width: int, height: int, task: str) -> bool:
+    """The documented limits: at most MAX_ASPECT:1, and a blood crop (200/360 of the short side) of 8 px or more."""
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return False
+    thumbnail = width == height and width in (28, 64, 128, 224)
+    return task != "blood" or thumbnail or round(min(width, height) * 200 / 360) >= MIN_SIDE
+
+
 @settings(max_examples=60)
 @given(mode=st.sampled_from(MODES), width=st.integers(8, 600), height=st.integers(8, 600),
        task=st.sampled_from(TASK_NAMES), seed=st.integers(0, 2**16))
 @example(mode="RGB", width=360, height=363, task="blood", seed=0)
 @example(mode="L", width=500, height=500, task="breast", seed=0)
+@example(mode="I;16", width=150, height=600, task="breast", seed=1)
+@example(mode="1", width=600, height=150, task="blood", seed=2)
+@example(mode="L", width=8, height=8, task="breast", seed=3)
+@example(mode="L", width=14, height=14, task="blood", seed=3)
 @example(mode="I;16", width=8, height=600, task="breast", seed=1)
 @example(mode="1", width=600, height=8, task="blood", seed=2)
-def test_any_mode_and_size_gives_model_input(mode, width, height, task, seed):
+@example(mode="L", width=13, height=13, task="blood", seed=3)
+def test_any_mode_and_size_gives_model_input_or_a_reason(mode, width, height, task, seed):
     image = make_image(mode, width, height, seed)
+    if not usable_size(width, height, task):
+        with pytest.raises(ImageError, match="too elongated|too small") as info:
+            prepare(image, task)
+        assert_one_line(str(info.value))
+        return
     prepared = prepare(image, task)
     assert_model_input(prepared.array, task)
     assert prepared.original_size == (width, height)
@@ -205,11 +231,12 @@ def test_grayscale_array_with_channel_axis_and_float_arrays():
     gray = gradient(50, 50, channels=1)
     a = to_model_input(gray, "breast")
     np.testing.assert_array_equal(to_model_input(gray[..., None], "breast"), a)
-    # float in 0..1 is stretched to 0..255: same picture up to rounding
-    as_float = to_model_input(gray.astype(np.float64) / 255.0, "breast")
-    stretched = to_model_input(((gray.astype(np.float64) - gray.min()) / np.ptp(gray)), "breast")
-    np.testing.assert_array_equal(as_float, stretched)
-    assert np.abs(as_float.astype(int) - a.astype(int)).max() <= 6 + int(255 - np.ptp(gray))
+    # floats in 0..1 mean 0..255, and integers in 0..255 are 8-bit, whatever the array's dtype: same picture
+    for same in (gray.astype(np.float64) / 255.0, gray.astype(np.float32) / 255.0, gray.astype(np.int64)):
+        assert np.abs(to_model_input(same, "breast").astype(int) - a.astype(int)).max() <= 1
+    # not stretched to the image's own extremes: a dark image stays dark
+    dark = (gray // 4).astype(np.float64) / 255.0
+    assert to_model_input(dark, "breast").max() <= 64
 
 
 @settings(max_examples=40)
@@ -220,7 +247,11 @@ def test_arrays_of_any_dtype(dtype, channels, width, height, task):
     rng = np.random.default_rng(width * 1000 + height)
     shape = (height, width) if channels is None else (height, width, channels)
     array = (rng.random(shape) * 300 - 20).astype(dtype)
-    assert_model_input(to_model_input(array, task), task)
+    if usable_size(width, height, task):
+        assert_model_input(to_model_input(array, task), task)
+    else:
+        with pytest.raises(ImageError, match="too elongated|too small"):
+            to_model_input(array, task)
 
 
 def test_array_with_nan_and_constant_values():
@@ -228,7 +259,7 @@ def test_array_with_nan_and_constant_values():
     nan[:15] = 1.0
     assert_model_input(to_model_input(nan, "breast"), "breast")
     flat = to_model_input(np.full((30, 30), 7.5), "breast")
-    assert (flat == 0).all()  # a constant float image has no range to stretch
+    assert (flat == 8).all()  # a constant image keeps its value (7.5 of 255), rounded
 
 
 @pytest.mark.parametrize("array", [np.zeros((30, 30, 2), np.uint8), np.zeros((2, 30, 30, 3), np.uint8),
@@ -401,11 +432,18 @@ def test_non_thumbnail_blood_is_centre_cropped():
 
 # --------------------------------------------------------------------------- colour and transparency
 
-def test_transparent_pixels_become_white():
+@pytest.mark.parametrize("task, background", [("blood", 255), ("breast", 0)])
+def test_transparent_pixels_become_the_modality_background(task, background):
+    """A smear is light and an ultrasound frame is black outside the beam; alpha and a tRNS colour key alike."""
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., :3] = 10
-    out = to_model_input(Image.fromarray(rgba), "blood")  # fully transparent
-    assert (out == 255).all()
+    assert (to_model_input(Image.fromarray(rgba), task) == background).all()  # fully transparent
+    gray = gradient(60, 60, 1)
+    gray[:, :10] = 77  # a band in the colour that the tRNS chunk declares transparent
+    keyed = to_model_input(png_bytes(Image.fromarray(gray), transparency=77), task).astype(int)
+    filled = gray.copy()
+    filled[gray == 77] = background
+    assert np.abs(keyed - to_model_input(filled, task).astype(int)).max() <= 1
 
 
 def test_colourfulness():
@@ -455,13 +493,29 @@ def test_huge_dimensions_message():
         prepare(png_header_only(100_000, 100_000), "blood")
 
 
-def test_sixteen_bit_png_is_stretched_like_eight_bit():
-    eight = gradient(40, 40, 1)
-    sixteen = eight.astype(np.uint16) * 257
-    out16 = to_model_input(png_bytes(Image.fromarray(sixteen)), "breast").astype(int)
-    out8 = to_model_input(Image.fromarray(np.round((eight - eight.min()) * 255.0 / np.ptp(eight)).astype(np.uint8)),
-                          "breast").astype(int)
-    assert np.abs(out16 - out8).max() <= 1
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_bit_depth_does_not_change_the_picture(task):
+    """The same picture as 8-bit, 16-bit and 12-bit-in-16 gives the same model input (MedMNIST never stretched)."""
+    eight = gradient(120, 120, 1)
+    out8 = to_model_input(png_bytes(Image.fromarray(eight)), task).astype(int)
+    for name, wide in {"16 bit": eight.astype(np.uint16) * 257, "12 bit in 16": eight.astype(np.uint16) * 16}.items():
+        out = to_model_input(png_bytes(Image.fromarray(wide)), task).astype(int)
+        assert np.abs(out - out8).max() <= 2, name
+    # A dark scan whose values need all 16 bits is scaled by 16 bits: it stays dark, not stretched to full range.
+    dark = (eight // 4).astype(np.uint16) * 257
+    dark[0, 0] = 65535
+    assert np.median(to_model_input(png_bytes(Image.fromarray(dark)), task)) <= np.median(out8) / 4 + 3
+
+
+def test_eps_and_other_unlisted_formats_are_refused_without_decoding():
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n"
+           b"newpath 0 0 moveto 100 100 lineto stroke\nshowpage\n%%EOF\n")
+    ico = io.BytesIO()
+    Image.fromarray(gradient(32, 32)).save(ico, format="ICO")
+    for data in (eps, ico.getvalue()):
+        with pytest.raises(ImageError, match="not a recognised image file") as info:
+            prepare(data, "blood")
+        assert_one_line(str(info.value))
 
 
 def test_cmyk_jpeg_keeps_colour():
@@ -481,17 +535,70 @@ def test_palette_png_matches_its_rgb_version():
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_dicom(tmp_path, task):
-    pixels = (gradient(64, 64, 1).astype(np.uint16) * 64)
-    path = write_dicom(tmp_path / "scan.dcm", pixels)
+    eight = gradient(64, 64, 1)
+    pixels = eight.astype(np.uint16) * 64  # 14 significant bits
+    path = write_dicom(tmp_path / "scan.dcm", pixels, bits_stored=14)
     image = open_image(path)
     assert image.size == (64, 64)
     out = to_model_input(path, task)
     assert_model_input(out, task)
-    expected = to_model_input(np.round((pixels - pixels.min()) * 255.0 / np.ptp(pixels)).astype(np.uint8), task)
-    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
-    # MONOCHROME1 shows low values as white: the same pixels come out inverted.
-    inverted = to_model_input(write_dicom(tmp_path / "inv.dcm", pixels, "MONOCHROME1"), task)
+    # scaled by the header's Bits Stored, not the image's extremes: the 8-bit picture comes back
+    assert np.abs(out.astype(int) - to_model_input(eight, task).astype(int)).max() <= 2
+    # the same pixels declared as 16 significant bits are a quarter as bright
+    quarter = to_model_input(write_dicom(tmp_path / "16.dcm", pixels, bits_stored=16), task).astype(int)
+    assert np.abs(quarter - to_model_input(np.round(eight / 4).astype(np.uint8), task).astype(int)).max() <= 2
+    # MONOCHROME1 shows low values as white: the same pixels come out inverted, on the same scale
+    inverted = to_model_input(write_dicom(tmp_path / "inv.dcm", pixels, "MONOCHROME1", bits_stored=14), task)
     assert np.abs(inverted.astype(int) - (255 - out.astype(int))).max() <= 2
+
+
+def test_dicom_window_is_applied(tmp_path):
+    eight = gradient(64, 64, 1)
+    pixels = eight.astype(np.uint16) * 64
+    # a window over the lower half of the stored range shows that half at full contrast
+    windowed = to_model_input(write_dicom(tmp_path / "w.dcm", pixels, bits_stored=14, window=(4096, 8192)), "breast")
+    expected = to_model_input(np.clip(eight.astype(int) * 2, 0, 255).astype(np.uint8), "breast")
+    assert np.abs(windowed.astype(int) - expected.astype(int)).max() <= 3
+
+
+def test_palette_colour_dicom_shows_its_colours(tmp_path):
+    import pydicom
+
+    rgb = gradient(64, 64)
+    palette = Image.fromarray(rgb).quantize(64)
+    path = write_dicom(tmp_path / "p.dcm", np.asarray(palette).astype(np.uint16), "PALETTE COLOR", bits_stored=16)
+    dataset = pydicom.dcmread(path)
+    lut = np.zeros((256, 3), np.uint16)
+    entries = np.asarray(palette.getpalette()[:64 * 3], np.uint16).reshape(64, 3)
+    lut[:64] = entries * 257
+    for channel in range(3):  # Red, Green, Blue: (0028,110x) descriptors and (0028,120x) data
+        dataset.add_new(0x00281101 + channel, "US", [256, 0, 16])
+        dataset.add_new(0x00281201 + channel, "OW", lut[:, channel].astype("<u2").tobytes())
+    dataset.save_as(path, enforce_file_format=True)
+    out = to_model_input(path, "blood").astype(int)
+    assert np.abs(out - to_model_input(palette.convert("RGB"), "blood").astype(int)).max() <= 2
+
+
+def test_compressed_dicom_without_a_decoder_gets_a_clear_reason(tmp_path, monkeypatch):
+    import pydicom.pixels
+    from pydicom.uid import JPEGLSLossless
+
+    path = write_dicom(tmp_path / "scan.dcm", gradient(32, 32, 1).astype(np.uint16), rle=True)
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEGLSLossless
+
+    def no_plugin(*args, **kwargs):
+        raise RuntimeError("Unable to decompress 'JPEG-LS Lossless Image Compression' pixel data because all plugins "
+                           "are missing dependencies:\n    gdcm - requires gdcm")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", no_plugin)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ImageError, match="JPEG-LS Lossless.*cannot be read here") as info:
+        prepare(buffer.getvalue(), "breast")
+    assert_one_line(str(info.value))
 
 
 def test_multi_frame_dicom_gives_its_first_frame(tmp_path):
