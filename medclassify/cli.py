@@ -1,4 +1,4 @@
-"""Command line: ``python -m medclassify {train,evaluate,predict,export,fit-ood} ...``.
+"""Command line of the blood cell and breast ultrasound classifiers: python -m medclassify COMMAND ...
 
 Exit status: 0 success, 1 when any input failed, 2 on usage errors.
 """
@@ -11,10 +11,24 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
+from .experiments import VARIANTS
 from .registry import TASKS
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has one worth showing), and the description as written."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse exits 2 on usage errors; keep that, with a short message
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -26,8 +40,8 @@ def _quiet_tensorflow() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m medclassify", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="python -m medclassify", description=__doc__.rstrip())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def task_arg(p):
         p.add_argument("--task", required=True, choices=sorted(TASKS), help="which classifier")
@@ -39,31 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     task_arg(t)
     data_arg(t)
     t.add_argument("--model", choices=("cnn", "vgg16"), default="cnn")
-    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--epochs", type=int, default=30, help="the best epoch on validation is kept")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.05)
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    t.add_argument("--label-smoothing", type=float, default=0.05, help="0 = off")
     t.add_argument("--mixup", type=float, default=0.0, help="mixup with weights from Beta(a, a); 0 = off")
     t.add_argument("--ema", type=float, default=0.0,
                    help="keep the moving average of the weights with this momentum (e.g. 0.99); 0 = off")
-    t.add_argument("--widths", default="32,64,128", help="CNN channels per stage")
-    t.add_argument("--dropout", type=float, default=0.3)
+    t.add_argument("--widths", default="32,64,128", help="CNN channels per stage, comma-separated")
+    t.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation layers")
     t.add_argument("--augmentation", choices=("default", "flips"), default="default", help="augmentation policy")
     t.add_argument("--class-weight", action="store_true", help="balanced class weights")
     t.add_argument("--smote", action="store_true", help="SMOTE-oversample the training split")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
     t.add_argument("--ensemble", type=int, default=1, help="train N seeds and save their logit average as one model")
     t.add_argument("--limit", type=int, help="use a small stratified subset (smoke runs)")
     t.add_argument("--vgg16-weights", help="VGG16 notop h5 (default $VGG16_WEIGHTS, else download 'imagenet')")
-    t.add_argument("--vgg16-input-size", type=int, default=32)
+    t.add_argument("--vgg16-input-size", type=int, default=32, help="VGG16: images are upsampled to this size")
     t.add_argument("--finetune-epochs", type=int, default=0, help="VGG16: epochs with the base unfrozen")
-    t.add_argument("--finetune-lr", type=float, default=1e-4)
+    t.add_argument("--finetune-lr", type=float, default=1e-4, help="VGG16: learning rate of the unfrozen phase")
     t.add_argument("--target-sensitivity", type=float, default=0.95,
                    help="breast: validation sensitivity for malignant the threshold must keep")
-    t.add_argument("--out", help="output .h5 (default: the task's model file at the repo root)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--out", required=True,
+                   help="output .h5; its card and OOD statistics go beside it (the shipped models are replaced "
+                        "only by `ship`)")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
 
     e = sub.add_parser("evaluate", help="metrics of a saved model on an official split")
     task_arg(e)
@@ -97,13 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("experiment", help="train + evaluate one named variant, writing results/<task>/<variant>.card.json")
     task_arg(v)
     data_arg(v)
-    v.add_argument("--variant", required=True)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--epochs", type=int, help="override the variant's epochs")
-    v.add_argument("--limit", type=int, help="small subset (smoke runs)")
-    v.add_argument("--bootstrap", type=int, default=1000)
+    v.add_argument("--variant", required=True, help="a name from medclassify/experiments.py: "
+                   + "; ".join(f"{task}: {', '.join(VARIANTS[task])}" for task in sorted(VARIANTS)))
+    v.add_argument("--seed", type=int, default=0, help="seed of this run (member k of an ensemble uses 1000*seed+k)")
+    v.add_argument("--epochs", type=int, help="override the variant's epochs (a trial run: written under "
+                                              "runs/trial/ and results/trial/, which `report` ignores)")
+    v.add_argument("--limit", type=int, help="small subset (a trial run, as with --epochs)")
+    v.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
 
-    sub.add_parser("report", help="write results/comparison.md from the variant cards")
+    sub.add_parser("report", help="regenerate results/comparison.md and the README's Results section from the "
+                                  "variant cards")
 
     c = sub.add_parser("ood-check", help="flag rates of the OOD rule on test, cross-task images and photos")
     task_arg(c)
@@ -121,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "then quantize it")
     task_arg(s)
     data_arg(s)
-    s.add_argument("--variant", help="default: the registry's shipped variant")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--variant", help="default: the variant medclassify/experiments.py marks as shipped")
+    s.add_argument("--seed", type=int, default=0, help="which seed run of the variant")
     return parser
 
 
@@ -147,18 +166,20 @@ def _command_line(args) -> str:
 _TRAIN_OPTION = {"learning_rate": "--lr", "finetune_learning_rate": "--finetune-lr"}
 
 
-def _train(args) -> int:
-    from .data import DataError
-    from .registry import get_task
-    from .training import InvalidConfig, TrainConfig, save_trained, train
+class _UsageError(ValueError):
+    """A setting the parser accepted but the recipe cannot use; the message names the option."""
+
+
+def train_config(args):
+    """The ``TrainConfig`` a parsed ``train`` command line asks for; raises ``_UsageError``."""
+    from .training import InvalidConfig, TrainConfig
 
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
     except ValueError:
-        print(f"error: --widths must be comma-separated integers, got {args.widths!r}", file=sys.stderr)
-        return 2
+        raise _UsageError(f"--widths must be comma-separated integers, got {args.widths!r}") from None
     try:
-        cfg = TrainConfig(
+        return TrainConfig(
             task=args.task, model=args.model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
             weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup=args.mixup, ema=args.ema,
             augment=not args.no_augment, augmentation=args.augmentation,
@@ -170,9 +191,19 @@ def _train(args) -> int:
         )
     except InvalidConfig as exc:
         option = _TRAIN_OPTION.get(exc.field, "--" + exc.field.replace("_", "-"))
-        print(f"error: {option} must be {exc.rule}, got {exc.value!r}", file=sys.stderr)
+        raise _UsageError(f"{option} must be {exc.rule}, got {exc.value!r}") from None
+
+
+def _train(args) -> int:
+    from .data import DataError
+    from .training import save_trained, train
+
+    try:
+        cfg = train_config(args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or str(get_task(args.task).model_path)
+    out = args.out
     try:
         result = train(cfg)
     except DataError as exc:
@@ -183,7 +214,7 @@ def _train(args) -> int:
 
     fit_ood(args.task, out, args.data_dir)
     summary = {k: result.val_metrics[k] for k in ("accuracy", "balanced_accuracy", "auc")}
-    summary.update(model=out, best_epoch=result.best_epoch, temperature=round(result.temperature, 4),
+    summary.update(n=result.val_metrics.get("n"), model=out, best_epoch=result.best_epoch, temperature=round(result.temperature, 4),
                    threshold=result.threshold, wall_time_s=round(result.wall_time_s, 1))
     print(json.dumps({"validation": summary}))
     return 0
@@ -244,7 +275,7 @@ def _export(args) -> int:
 
     try:
         out = export_savedmodel(args.task, args.out, args.model)
-    except (FileExistsError, FileNotFoundError, OSError) as exc:
+    except (FileExistsError, FileNotFoundError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"SavedModel written to {out}")
@@ -265,14 +296,24 @@ def _fit_ood(args) -> int:
 
 
 def _experiment(args) -> int:
-    from .experiments import card_file, run_variant
+    from .experiments import card_file, is_trial, run_variant, variant_config
+    from .training import InvalidConfig
 
+    try:
+        variant_config(args.task, args.variant, epochs=args.epochs, limit=args.limit)
+    except InvalidConfig as exc:
+        print(f"error: --{exc.field} must be {exc.rule}, got {exc.value!r}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # unknown variant
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     card = run_variant(args.task, args.variant, seed=args.seed, data_dir=args.data_dir, bootstrap=args.bootstrap,
                        command=_command_line(args), epochs=args.epochs, limit=args.limit)
+    trial = is_trial(epochs=args.epochs, limit=args.limit)
     # Only the validation numbers, which are what variants are compared on: the test metrics are in
     # the card for the report, and printing them after every run invites choosing by them.
     val = card.get("val") or {}
-    print(json.dumps({"card": str(card_file(args.task, args.variant, args.seed)),
+    print(json.dumps({"card": str(card_file(args.task, args.variant, args.seed, trial)),
                       "val": {k: val.get(k) for k in ("accuracy", "auc", "sensitivity", "specificity",
                                                       "accuracy_at_0_5") if k in val}}))
     return 0

@@ -173,7 +173,7 @@ def evaluate(task: str, model_path=None, split: str = "test", data_dir=None, boo
 
     spec = get_task(task)
     path = model_path or spec.model_path
-    model = load_model(path)
+    model = load_model(path, spec)
     card = read_card(path)
     threshold = (card.get("decision") or {}).get("threshold") if card else None
     data = load_split(spec, split, data_dir=data_dir)

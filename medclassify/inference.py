@@ -268,7 +268,7 @@ class Predictor:
         self.model_path = Path(model_path) if model_path else self.spec.model_path
         if not self.model_path.exists():
             raise FileNotFoundError(f"model file {self.model_path} not found")
-        self.model = load_model(self.model_path)
+        self.model = load_model(self.model_path, self.spec)
         self.card = read_card(self.model_path)
         decision = self.card.get("decision") or {}
         self.threshold = decision.get("threshold")
@@ -623,7 +623,7 @@ def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[st
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} already exists; export to a new version folder")
 
-    model = load_model(model_path)
+    model = load_model(model_path, spec)
     graph, n_inputs = serving_model(model, features=None)
     card = read_card(model_path)
     threshold = (card.get("decision") or {}).get("threshold")

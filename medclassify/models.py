@@ -215,10 +215,22 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int = 512) -> n
     return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]))
 
 
-def load_model(path):
-    """Load a saved ``.h5``/``.keras`` model for inference (no optimizer state)."""
+def load_model(path, task: str | TaskSpec | None = None):
+    """Load a saved ``.h5``/``.keras`` model for inference (no optimizer state).
+
+    With ``task``, a model built for the other task is refused with a one-line ``ValueError``
+    (instead of a TensorFlow shape error many lines long at its first prediction).
+    """
     keras = _keras()
-    return keras.models.load_model(str(path), compile=False)
+    model = keras.models.load_model(str(path), compile=False)
+    if task is not None:
+        spec = get_task(task) if isinstance(task, str) else task
+        channels, classes = model.input_shape[-1], model.output_shape[-1]
+        if (channels, classes) != (spec.channels, spec.num_classes):
+            raise ValueError(f"{path} is not a {spec.name} model: it takes {channels}-channel images and gives "
+                             f"{classes} classes; a {spec.name} model takes {spec.channels} and gives "
+                             f"{spec.num_classes}")
+    return model
 
 
 def build_model(kind: str, task: str | TaskSpec, **kwargs):

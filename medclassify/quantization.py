@@ -254,7 +254,7 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
         raise ValueError("the validation comparison comes first: it decides whether the copy is kept")
     spec = get_task(task)
     model_path = Path(model_path) if model_path else spec.model_path
-    model = load_model(model_path)
+    model = load_model(model_path, spec)
     threshold = (read_card(model_path).get("decision") or {}).get("threshold")
     graph, n_inputs = serving_model(model, features=None)
     if n_inputs != 1:

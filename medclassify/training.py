@@ -42,7 +42,7 @@ class TrainConfig:
     widths: tuple[int, ...] = (32, 64, 128)
     dropout: float = 0.3
     seed: int = 0
-    limit: Optional[int] = None  # use only the first N training/validation images (smoke runs)
+    limit: Optional[int] = None  # smoke runs: a random ~N training images (N/4 validation), class proportions kept
     data_dir: Optional[str] = None
     vgg16_weights: Optional[str] = None
     vgg16_input_size: int = 32
@@ -375,11 +375,12 @@ def _floats(value):
 
 
 def _stratified_head(split: Split, n: int, seed: int) -> Split:
-    """A small class-stratified subset, for smoke runs."""
+    """A random subset of about ``n`` images with the split's class proportions (every class at least once),
+    for smoke runs: balanced subsets would hide what class weights and SMOTE do."""
     rng = np.random.default_rng(seed)
-    classes = np.unique(split.labels)
-    per_class = max(1, n // len(classes))
-    picks = np.concatenate([rng.permutation(np.flatnonzero(split.labels == c))[:per_class] for c in classes])
+    classes, counts = np.unique(split.labels, return_counts=True)
+    wanted = np.minimum(counts, np.maximum(1, np.round(n * counts / counts.sum()).astype(int)))
+    picks = np.concatenate([rng.permutation(np.flatnonzero(split.labels == c))[:k] for c, k in zip(classes, wanted)])
     picks = rng.permutation(picks)
     return Split(split.images[picks], split.labels[picks])
 

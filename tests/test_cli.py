@@ -63,9 +63,15 @@ def test_usage_errors_exit_2(capsys, argv):
     assert "error:" in err and "usage:" in err
 
 
-def test_bad_widths_exit_2(capsys):
-    code, _, err = run_main(capsys, "train", "--task", "blood", "--widths", "8,x")
+def test_bad_widths_exit_2(capsys, tmp_path):
+    code, _, err = run_main(capsys, "train", "--task", "blood", "--widths", "8,x", "--out", tmp_path / "m.h5")
     assert code == 2 and "--widths" in err
+
+
+def test_train_needs_out_so_it_cannot_overwrite_the_shipped_model(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--task", "breast", "--epochs", "1"])
+    assert info.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_help_exits_0(capsys):
@@ -318,7 +324,14 @@ def test_predict_wrong_task_for_model_is_reported(capsys, tiny_models, fixture_i
                                 "--no-progress", image)
     except Exception as exc:  # pragma: no cover - reported as a bug
         pytest.fail(f"predict crashed instead of reporting the mismatch: {type(exc).__name__}: {exc}")
-    assert code == 1 and "error" in err
+    assert code == 1 and "is not a blood model" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_evaluate_and_export_name_a_model_of_the_other_task(capsys, tiny_models, fixture_data_dir, tmp_path, command):
+    extra = ["--data-dir", fixture_data_dir] if command == "evaluate" else ["--out", tmp_path / "export"]
+    code, _, err = run_main(capsys, command, "--task", "breast", "--model", tiny_models["blood"].path, *extra)
+    assert code == 1 and "is not a breast model" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -364,3 +377,19 @@ def test_entry_point_predict_survives_a_file_name_that_is_not_utf8(tmp_path, fix
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     line = proc.stdout.decode("utf-8").strip()
     assert line.startswith(str(tmp_path)) and "scan\\udcff.png\t" in line and "Traceback" not in line
+
+
+def test_readme_train_example_is_the_shipped_breast_recipe():
+    """The README's `train` example claims to be the shipped recipe: parse it as the CLI would and compare."""
+    import dataclasses
+    import re
+    import shlex
+
+    from medclassify.cli import build_parser, train_config
+    from medclassify.experiments import SHIPPED, VARIANTS
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    command = re.search(r"medclassify (train --task breast [^\n]*\\\n[^\n#]*)", readme).group(1)
+    args = build_parser().parse_args(shlex.split(command.replace("\\\n", " ")))
+    shipped = VARIANTS["breast"][SHIPPED["breast"]]
+    assert dataclasses.replace(train_config(args), verbose=shipped.verbose) == shipped

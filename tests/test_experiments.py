@@ -157,8 +157,8 @@ def test_replace_between_markers(tmp_path):
 @pytest.mark.slow
 def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_path, monkeypatch, capsys):
     """One tiny variant end to end through the CLI: train, evaluate val and test, card, report, ship."""
-    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny",
-                        experiments.TrainConfig(task="breast", epochs=1, widths=(8, 16), batch_size=32, verbose=0))
+    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny", experiments.TrainConfig(
+        task="breast", epochs=1, widths=(8, 16), batch_size=32, limit=30, verbose=0))
     monkeypatch.setitem(experiments.SHIPPED, "breast", "tiny")
     shipped = tmp_path / "shipped" / "model_breast.h5"
     shipped.parent.mkdir()
@@ -168,7 +168,7 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)
 
     code = main(["experiment", "--task", "breast", "--variant", "tiny", "--data-dir", str(fixture_data_dir),
-                 "--limit", "30", "--bootstrap", "20"])
+                 "--bootstrap", "20"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     card = json.loads((results_dir / "breast" / "tiny.card.json").read_text())
@@ -203,15 +203,48 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     assert {serving["file"], serving["head_file"]} == {stale.name, shipped.with_suffix(".head.tflite").name}
 
 
+def test_a_shortened_experiment_is_a_trial_that_report_leaves_out(results_dir, fixture_data_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """--epochs/--limit change the recipe: such a run must not overwrite the variant's card or reach the README."""
+    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny", experiments.TrainConfig(
+        task="breast", epochs=2, widths=(8, 16), batch_size=32, verbose=0))
+    real = results_dir / "breast" / "tiny.card.json"
+    real.parent.mkdir(parents=True)
+    real.write_text(json.dumps({"variant": "tiny", "val": {"auc": 0.5}, "test": {"auc": 0.5}}))
+    before = real.read_text()
+    code = main(["experiment", "--task", "breast", "--variant", "tiny", "--data-dir", str(fixture_data_dir),
+                 "--limit", "30", "--epochs", "1", "--bootstrap", "20"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and real.read_text() == before
+    trial = results_dir / "trial" / "breast" / "tiny.card.json"
+    assert out["card"] == str(trial) and json.loads(trial.read_text())["training"]["config"]["limit"] == 30
+    assert (results_dir.parent / "runs" / "trial" / "breast" / "tiny.h5").exists()
+    assert not (results_dir.parent / "runs" / "breast" / "tiny.h5").exists()
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)
+    assert main(["report"]) == 0
+    capsys.readouterr()
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1 and rows[0].split(" | ")[3] == "0.500"  # the variant's own card, not the trial's
+
+
+@pytest.mark.parametrize("argv", [["--variant", "nope"], ["--variant", "cnn", "--epochs", "0"]])
+def test_experiment_usage_errors_exit_2_in_one_line(capsys, argv):
+    code = main(["experiment", "--task", "breast", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_ensemble_variant_reuses_the_seed_runs(results_dir, fixture_data_dir, tmp_path, monkeypatch, capsys):
     """``experiment`` on an ensemble loads the matching seed runs instead of training them again."""
     from medclassify import training
 
-    tiny = experiments.TrainConfig(task="blood", epochs=1, widths=(8, 16), batch_size=32, verbose=0)
+    tiny = experiments.TrainConfig(task="blood", epochs=1, widths=(8, 16), batch_size=32, limit=40, verbose=0)
     monkeypatch.setitem(experiments.VARIANTS["blood"], "tiny", tiny)
     monkeypatch.setitem(experiments.VARIANTS["blood"], "tiny_ens2", dataclasses.replace(tiny, ensemble=2))
-    common = ["--task", "blood", "--data-dir", str(fixture_data_dir), "--limit", "40", "--bootstrap", "10"]
+    common = ["--task", "blood", "--data-dir", str(fixture_data_dir), "--bootstrap", "10"]
     for seed in ("0", "1"):
         assert main(["experiment", "--variant", "tiny", "--seed", seed, *common]) == 0
 

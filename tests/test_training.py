@@ -73,7 +73,7 @@ def test_smoke_training_run(tiny_models, task):
     assert result.wall_time_s > 0
     metrics = result.val_metrics
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert metrics["n"] == (24 if task == "blood" else 6)  # the stratified val subset of limit // 4
+    assert metrics["n"] == (24 if task == "blood" else 8)  # limit // 4 (at least 2 per class), proportions kept
     if spec.decision == "threshold":
         assert result.threshold is not None and 0.0 <= result.threshold <= 1.0
         assert metrics["threshold"] == pytest.approx(result.threshold)
@@ -114,12 +114,12 @@ def test_smote_balances_the_training_split_only(fixture_data_dir, monkeypatch):
     result = train(cfg)
     assert len(calls) == 1  # once, on the training split
     shape, before, after = calls[0]
-    assert shape == (25, 28, 28, 1)  # limit 30 -> 15 per class, but the fixture has only 10 malignant
-    assert before.tolist() == [10, 15]
-    assert after.tolist() == [15, 15]
-    assert seen["train"].tolist() == [15, 15]
-    assert seen["val"].tolist() == [3, 3]  # validation untouched: the real (stratified) subset
-    assert result.val_metrics["n"] == 6
+    assert shape == (30, 28, 28, 1)  # limit 30: the fixture's 30 training images, imbalanced as they are
+    assert before.tolist() == [10, 20]
+    assert after.tolist() == [20, 20]
+    assert seen["train"].tolist() == [20, 20]
+    assert seen["val"].tolist() == [4, 4]  # validation untouched: the real (stratified) subset
+    assert result.val_metrics["n"] == 8
 
 
 def test_smote_oversample_directly(fixture_data_dir):
@@ -208,6 +208,9 @@ def test_stratified_head():
     assert np.bincount(head.labels).tolist() == [2, 2, 2, 2]
     assert len(set(head.images[:, 0, 0, 0].tolist())) == 8  # no duplicates
     np.testing.assert_array_equal(labels[head.images[:, 0, 0, 0]], head.labels)
+    # class proportions are kept (so class weights and SMOTE still have something to do), every class present
+    imbalanced = Split(np.arange(103)[:, None, None, None].astype(np.uint8), np.repeat([0, 1, 2], [75, 25, 3]))
+    assert np.bincount(training._stratified_head(imbalanced, 20, seed=1).labels).tolist() == [15, 5, 1]
 
 
 def test_config_dict_and_environment():
@@ -217,9 +220,13 @@ def test_config_dict_and_environment():
     assert {"python", "tensorflow", "keras", "cpu_count", "medclassify"} <= set(env)
 
 
-def test_unknown_model_kind(fixture_data_dir):
+def test_unknown_model_kind():
+    from medclassify.models import build_model
+
+    with pytest.raises(InvalidConfig, match="model must be"):  # refused before any data is read
+        TrainConfig(task="breast", model="resnet")
     with pytest.raises(ValueError, match="unknown model kind"):
-        train(TrainConfig(task="breast", model="resnet", limit=10, data_dir=str(fixture_data_dir), verbose=0))
+        build_model("resnet", "breast")
 
 
 def test_missing_data_is_a_data_error(tmp_path, monkeypatch):
