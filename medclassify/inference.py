@@ -552,6 +552,10 @@ def run_predict_cli(args) -> int:
                 line = json.dumps(result.to_json(file=source))
             elif result.ood:  # as in the app: an image unlike the training data gets no answer, only the reason
                 line = f"{source}\t{NO_ANSWER}\t-\tWARNING: " + "; ".join(result.warnings)
+            elif result.p_positive is not None:  # thresholded: the label's own probability can be under 50%
+                positive = spec.class_names[spec.positive_class]
+                line = (f"{source}\t{result.label}\tP({positive})={result.p_positive:.3f}"
+                        f"\tthreshold={result.threshold:.3f}")
             else:
                 line = f"{source}\t{result.label}\t{result.probabilities[result.label]:.3f}"
             out.write(line + "\n")

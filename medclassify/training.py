@@ -230,8 +230,9 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
     selector = _ValidationSelector(spec, val, cfg.verbose)
     # With EMA, the averaged weights are swapped in at each epoch's end, so the selector scores and keeps them.
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), selector] if cfg.ema > 0 else [selector]
+    # shuffle=False: the dataset shuffles itself (Keras would ignore shuffle=True for a dataset, with a warning)
     history = model.fit(dataset, epochs=epochs, verbose=cfg.verbose, callbacks=callbacks,
-                        class_weight=class_weight)
+                        class_weight=class_weight, shuffle=False)
     if selector.best_weights is not None:
         model.set_weights(selector.best_weights)
     return history.history, selector.best_epoch
@@ -356,14 +357,25 @@ def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_spli
         history, best_epoch = _fit(model, train_split, val_split, spec, cfg, cfg.epochs, cfg.learning_rate,
                                    class_weight)
         if cfg.finetune_epochs:
+            frozen_weights, frozen_score = model.get_weights(), _best_score(history)  # the frozen phase's best
             set_base_trainable(model, True)
             more, best_ft = _fit(model, train_split, val_split, spec, cfg, cfg.finetune_epochs,
                                  cfg.finetune_learning_rate, class_weight)
             history = {k: list(history.get(k, [])) + list(more.get(k, [])) for k in set(history) | set(more)}
-            best_epoch = cfg.epochs + best_ft  # the fine-tuning phase starts from the frozen phase's best
+            if _best_score(more) > frozen_score:
+                best_epoch = cfg.epochs + best_ft  # the fine-tuning phase starts from the frozen phase's best
+            else:  # fine-tuning never beat the frozen model on validation: keep the frozen model
+                set_base_trainable(model, False)  # the layout the weights were read in
+                model.set_weights(frozen_weights)
     else:
         raise ValueError(f"unknown model kind {cfg.model!r}")
     return model, history, best_epoch
+
+
+def _best_score(history: dict) -> float:
+    """The best validation selection score a ``_fit`` history logged (-inf if it logged none)."""
+    scores = history.get("val_auc") or history.get("val_accuracy_selected") or []
+    return max(scores, default=-math.inf)
 
 
 def _floats(value):

@@ -424,8 +424,13 @@ def test_cli_predict_text_output(tiny_models, fixture_images, capsys):
         assert file == path
         if label == "no reliable answer":  # the tiny model finds some fixture images unlike its training data
             assert confidence == "-" and warning[0].startswith("WARNING: ")
-        else:
-            assert label in get_task("breast").class_names and 0 <= float(confidence) <= 1 and not warning
+        else:  # thresholded: P(malignant) and the threshold, not the label's own probability
+            assert label in get_task("breast").class_names and len(warning) == 1
+            p_malignant = float(confidence.removeprefix("P(malignant)="))
+            threshold = float(warning[0].removeprefix("threshold="))
+            assert 0 <= p_malignant <= 1
+            if abs(p_malignant - threshold) > 0.001:  # printed to 3 decimals
+                assert (label == "malignant") == (p_malignant > threshold)
 
 
 def test_cli_predict_breast_json_has_threshold(tiny_models, fixture_images, capsys):

@@ -371,3 +371,31 @@ def test_ema_training_run_records_the_setting(fixture_data_dir):
     result = train(TrainConfig(task="breast", epochs=1, limit=30, widths=(4, 8), ema=0.9,
                                data_dir=str(fixture_data_dir), verbose=0))
     assert config_dict(result.config)["ema"] == 0.9 and math.isfinite(result.history["loss"][0])
+
+
+@pytest.mark.parametrize("finetune_wins", [True, False])
+def test_vgg16_keeps_the_fine_tuning_phase_only_when_it_beats_the_frozen_one(monkeypatch, fixture_data_dir,
+                                                                              finetune_wins):
+    """Each phase keeps its own best epoch; between the phases, validation decides too."""
+    from medclassify import models
+
+    starts = []  # the logits kernel each phase starts from
+
+    def fake_fit(model, train_split, val_split, spec, cfg, epochs, learning_rate, class_weight):
+        frozen = not starts
+        starts.append(model.get_layer("logits").get_weights()[0].copy())
+        if not frozen:  # fine-tuning moves the weights
+            model.set_weights([w + 1.0 for w in model.get_weights()])
+        scores = [0.7, 0.8] if frozen else ([0.75, 0.9] if finetune_wins else [0.6, 0.78])
+        return {"val_auc": scores}, 2
+
+    monkeypatch.setattr(training, "_fit", fake_fit)
+    monkeypatch.setattr(models, "build_vgg16", lambda spec, **kw: models.build_cnn(spec, widths=(4, 8)))
+    monkeypatch.setattr(models, "set_base_trainable", lambda model, trainable, from_block=1: None)
+    cfg = TrainConfig(task="breast", model="vgg16", epochs=2, finetune_epochs=2, limit=30,
+                      data_dir=str(fixture_data_dir), verbose=0)
+    result = train(cfg)
+    assert result.best_epoch == (4 if finetune_wins else 2)
+    assert result.history["val_auc"] == [0.7, 0.8] + ([0.75, 0.9] if finetune_wins else [0.6, 0.78])
+    kept = result.model.get_layer("logits").get_weights()[0]
+    np.testing.assert_allclose(kept, starts[1] + (1.0 if finetune_wins else 0.0))
