@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .registry import TaskSpec, get_task
+from .registry import REPO_ROOT, TaskSpec, get_task
 
 SCHEMA = "medclassify-model-card/1"
 
@@ -131,6 +131,11 @@ def add_evaluation(model_path, metrics: dict, command: str) -> Path:
     card = read_card(model_path)
     if not card:
         raise FileNotFoundError(f"{card_path(model_path)} not found: train the model with medclassify first")
+    model = metrics.get("model")
+    if model is not None:  # the repository-relative path: an absolute one names the machine it ran on
+        resolved = Path(model).resolve()
+        metrics = {**metrics, "model": str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT)
+                   else Path(model).name}
     card[metrics.get("split", "test")] = metrics
     card.setdefault("evaluation_commands", {})[metrics.get("split", "test")] = command
     return write_card(model_path, card)

@@ -45,6 +45,20 @@ def test_add_evaluation_needs_a_card(tmp_path):
         add_evaluation(tmp_path / "m.h5", {"split": "test", "accuracy": 0.5}, "cmd")
 
 
+def test_add_evaluation_stores_the_model_path_relative_to_the_repository(tmp_path, monkeypatch):
+    from medclassify import cards
+
+    monkeypatch.setattr(cards, "REPO_ROOT", tmp_path / "repo")
+    inside, outside = tmp_path / "repo" / "runs" / "breast" / "m.h5", tmp_path / "elsewhere" / "m.h5"
+    for model in (inside, outside):
+        model.parent.mkdir(parents=True)
+        write_card(model, {"name": "m"})
+        add_evaluation(model, {"split": "test", "accuracy": 0.5, "model": str(model)}, "cmd")
+    assert read_card(inside)["test"]["model"] == "runs/breast/m.h5"
+    assert read_card(outside)["test"]["model"] == "m.h5"  # never an absolute path from the machine it ran on
+    assert read_card(inside)["test"]["accuracy"] == 0.5
+
+
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_input_spec(task):
     spec = get_task(task)
