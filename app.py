@@ -164,7 +164,7 @@ def show_model_view(prediction, data: bytes | None) -> None:
     st.image(aps.upscale(prediction.model_input, 196), width=196,
              caption="What the model saw: the 28×28 px input, enlarged with nearest neighbour")
     if data is not None:
-        original = aps.preview(data)
+        original = aps.preview(data, background=get_task(prediction.task).background)
         if original is not None:
             with st.expander("Your image as uploaded"):
                 st.image(original)

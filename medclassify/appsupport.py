@@ -226,12 +226,13 @@ def upscale(image: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(Image.fromarray(array.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST))
 
 
-def preview(data: bytes, max_side: int = 256) -> Optional[np.ndarray]:
-    """A small RGB view of the uploaded image as decoded (works for tif and DICOM too); None if impossible."""
+def preview(data: bytes, max_side: int = 256, background: int = 255) -> Optional[np.ndarray]:
+    """A small RGB view of the uploaded image as decoded (works for tif and DICOM too), transparency
+    shown as ``background`` like the model sees it; None if impossible."""
     from .preprocessing import open_image, to_mode
 
     try:
-        image = to_mode(open_image(bytes(data)), 3)
+        image = to_mode(open_image(bytes(data)), 3, background)
         image.thumbnail((max_side, max_side))
         return np.asarray(image)
     except Exception:

@@ -19,7 +19,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
     """Shows each option's default (when it has one worth showing), and the description as written."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -190,8 +190,13 @@ def train_config(args):
             verbose=0 if args.quiet else (1 if sys.stderr.isatty() else 2),
         )
     except InvalidConfig as exc:
-        option = _TRAIN_OPTION.get(exc.field, "--" + exc.field.replace("_", "-"))
-        raise _UsageError(f"{option} must be {exc.rule}, got {exc.value!r}") from None
+        raise _UsageError(_option_message(exc)) from None
+
+
+def _option_message(exc) -> str:
+    """An ``InvalidConfig`` in the words of the command line: the option, not the field."""
+    option = _TRAIN_OPTION.get(exc.field, "--" + exc.field.replace("_", "-"))
+    return f"{option} must be {exc.rule}, got {exc.value!r}"
 
 
 def _train(args) -> int:
@@ -214,7 +219,8 @@ def _train(args) -> int:
 
     fit_ood(args.task, out, args.data_dir)
     summary = {k: result.val_metrics[k] for k in ("accuracy", "balanced_accuracy", "auc")}
-    summary.update(n=result.val_metrics.get("n"), model=out, best_epoch=result.best_epoch, temperature=round(result.temperature, 4),
+    summary.update(n=result.val_metrics.get("n"), model=out, best_epoch=result.best_epoch,
+                   temperature=round(result.temperature, 4),
                    threshold=result.threshold, wall_time_s=round(result.wall_time_s, 1))
     print(json.dumps({"validation": summary}))
     return 0
@@ -288,7 +294,7 @@ def _fit_ood(args) -> int:
 
     try:
         settings = fit_ood(args.task, args.model, args.data_dir)
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(settings))
@@ -302,7 +308,7 @@ def _experiment(args) -> int:
     try:
         variant_config(args.task, args.variant, epochs=args.epochs, limit=args.limit)
     except InvalidConfig as exc:
-        print(f"error: --{exc.field} must be {exc.rule}, got {exc.value!r}", file=sys.stderr)
+        print(f"error: {_option_message(exc)}", file=sys.stderr)
         return 2
     except ValueError as exc:  # unknown variant
         print(f"error: {exc}", file=sys.stderr)
@@ -354,7 +360,13 @@ def _ood_check(args) -> int:
     from .oodcheck import ood_report
     from .registry import get_task
 
-    report = ood_report(args.task, args.model, args.data_dir)
+    from .data import DataError
+
+    try:
+        report = ood_report(args.task, args.model, args.data_dir)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.write_card:
         set_section(args.model or get_task(args.task).model_path, "ood_check",
                     {**report, "command": _command_line(args)})

@@ -89,9 +89,18 @@ def variant_config(task: str, variant: str, **overrides) -> TrainConfig:
 TRIAL_SUBDIR = "trial"
 
 
+def _run_name(variant: str, seed: int) -> str:
+    return variant if seed == 0 else f"{variant}_seed{seed}"
+
+
 def card_file(task: str, variant: str, seed: int = 0, trial: bool = False) -> Path:
-    suffix = "" if seed == 0 else f"_seed{seed}"
-    return (RESULTS_DIR / TRIAL_SUBDIR if trial else RESULTS_DIR) / task / f"{variant}{suffix}.card.json"
+    """The variant run's card in ``results/`` (what ``report`` reads)."""
+    return (RESULTS_DIR / TRIAL_SUBDIR if trial else RESULTS_DIR) / task / f"{_run_name(variant, seed)}.card.json"
+
+
+def run_file(task: str, variant: str, seed: int = 0, trial: bool = False) -> Path:
+    """The variant run's model in ``runs/`` (card and OOD statistics beside it)."""
+    return (RUNS_DIR / TRIAL_SUBDIR if trial else RUNS_DIR) / task / f"{_run_name(variant, seed)}.h5"
 
 
 def is_trial(**overrides) -> bool:
@@ -145,8 +154,7 @@ def run_variant(task: str, variant: str, seed: int = 0, data_dir: Optional[str] 
 
     cfg = variant_config(task, variant, seed=seed, data_dir=data_dir, **overrides)
     trial = is_trial(**overrides)
-    runs = RUNS_DIR / TRIAL_SUBDIR if trial else RUNS_DIR
-    model_path = runs / task / f"{variant}{'' if seed == 0 else f'_seed{seed}'}.h5"
+    model_path = run_file(task, variant, seed, trial)
     reuse = {} if trial else matching_runs(cfg)
     result = train(cfg, reuse=reuse)
     save_trained(result, model_path, command=command)
@@ -357,7 +365,7 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None)
     spec = get_task(task)
     variant = variant or SHIPPED[task]
     variant_config(task, variant)  # an unknown name fails here, with the list of known ones
-    source = RUNS_DIR / task / f"{variant}{'' if seed == 0 else f'_seed{seed}'}.h5"
+    source = run_file(task, variant, seed)
     if not source.exists():
         raise FileNotFoundError(f"{source} not found: run `python -m medclassify experiment --task {task} "
                                 f"--variant {variant}` first")

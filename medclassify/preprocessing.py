@@ -130,31 +130,39 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
 
 
 def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Map pixel values onto 0..255 by the range the format can hold, not by the image's own extremes.
+    """Map pixel values onto 0..255 by the range their format holds, not by the image's own extremes.
 
     Stretching each image to its own minimum and maximum (what this did before) made a 16-bit export
     brighter or darker than the same picture in 8 bits -- enough to flip breast decisions -- and let
-    one hot pixel black out the rest.  MedMNIST never stretched.  Without ``value_range`` (DICOM
-    knows its own), non-negative data is taken to fill the smallest usual container that holds it:
-    [0, 1] for floats, else 8, 10, 12, 14, 16 or 32 bits, so a 12-bit scan in a 16-bit file is
-    not shown at 1/16 brightness.  Data with negative values has no such convention; it is
-    stretched between its 0.5th and 99.5th percentiles, so outliers cannot set the scale.
+    one hot pixel black out the rest.  MedMNIST never stretched.  The range is ``value_range`` when
+    the caller knows it (DICOM's Bits Stored), else the one the data type declares (8 or 16 bits,
+    booleans 0..1).  Only data that declares none (32-bit integer and float images, arrays of other
+    types) is read by its values: [0, 1] for floats whose 99.5th percentile is at most 2, else 8, 16
+    or 32 bits, whichever holds 99.5% of the values.  Data whose 0.5th percentile is negative has no
+    convention; it is stretched between its 0.5th and 99.5th percentiles.  Values outside the range
+    are clipped.
     """
-    integers = np.issubdtype(np.asarray(values).dtype, np.integer)
-    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    array = np.asarray(values)
     if value_range is None:
-        low, high = float(values.min()), float(values.max())
-        if low < 0:
-            low, high = (float(v) for v in np.percentile(values, (0.5, 99.5)))
-        elif high <= 1.0 and not integers:  # floats (and booleans) in [0, 1]
-            low, high = 0.0, 1.0
-        else:
-            low, high = 0.0, float(next(2.0 ** b - 1 for b in (8, 10, 12, 14, 16, 32, 64) if high <= 2.0 ** b - 1))
-    else:
-        low, high = value_range
+        value_range = _DECLARED_RANGES.get(array.dtype.newbyteorder("=").type)
+    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if value_range is None:
+        low, high = (float(v) for v in np.percentile(values, (0.5, 99.5)))
+        if low >= 0:
+            if high <= 2.0 and not np.issubdtype(array.dtype, np.integer):
+                high = 1.0  # floats meant as 0..1 (a little overshoot from resampling is clipped)
+            else:
+                high = next((2.0 ** b - 1 for b in (8, 16, 32) if high <= 2.0 ** b - 1), high)
+            low = 0.0
+        value_range = (low, high)
+    low, high = value_range
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
     return np.round(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+#: Value ranges that a data type itself declares (a 16-bit PNG or TIFF decodes to uint16).
+_DECLARED_RANGES = {np.uint8: (0.0, 255.0), np.uint16: (0.0, 65535.0), np.bool_: (0.0, 1.0)}
 
 
 def _dicom_to_image(data: bytes) -> Image.Image:
@@ -174,10 +182,9 @@ def _dicom_to_image(data: bytes) -> Image.Image:
     try:
         pixels = pixel_array(dataset, index=0)  # multi-frame (cine loops): the first frame, the others undecoded
     except Exception as exc:
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed:
-            raise ImageError(f"DICOM compressed as {syntax.name} cannot be read here; "
-                             "export it uncompressed or as PNG") from None
+        if not _dicom_decoder_available(dataset):
+            raise ImageError(f"DICOM compressed as {dataset.file_meta.TransferSyntaxUID.name} cannot be read "
+                             "here; export it uncompressed or as PNG") from None
         raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
     try:
         return _array_to_image(_dicom_display_values(dataset, pixels))
@@ -185,6 +192,22 @@ def _dicom_to_image(data: bytes) -> Image.Image:
         raise
     except Exception as exc:  # a malformed LUT or window element
         raise ImageError(f"DICOM file could not be displayed ({_first_line(exc)})") from None
+
+
+def _dicom_decoder_available(dataset) -> bool:
+    """False only for a compressed transfer syntax that no installed pydicom plugin decodes."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        syntax = dataset.file_meta.TransferSyntaxUID
+        return not syntax.is_compressed or get_decoder(syntax).is_available
+    except Exception:  # no file meta, an unknown syntax: let the decoder's own message speak
+        return True
+
+
+def _dicom_has(dataset, keyword: str) -> bool:
+    value = dataset.get(keyword)
+    return value is not None and value != "" and not (isinstance(value, (list, tuple)) and not value)
 
 
 def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
@@ -197,19 +220,25 @@ def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
 
     photometric = str(getattr(dataset, "PhotometricInterpretation", "")).upper()
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(pixels, dataset)  # 8- or 16-bit entries, by the LUT descriptor
-        return _to_uint8(rgb, (0.0, 255.0 if rgb.dtype == np.uint8 else 65535.0))
+        rgb = apply_color_lut(pixels, dataset)
+        entry_bits = int(dataset.get("RedPaletteColorLookupTableDescriptor", [0, 0, 16])[2])  # 8 or 16
+        return _to_uint8(rgb, (0.0, 2.0 ** entry_bits - 1))
     bits = int(getattr(dataset, "BitsStored", 0) or 8 * pixels.dtype.itemsize)
     if int(getattr(dataset, "PixelRepresentation", 0) or 0) == 1:
         low, high = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
     else:
         low, high = 0.0, 2.0 ** bits - 1
     values = pixels
-    has_window = "WindowCenter" in dataset and "WindowWidth" in dataset
-    if photometric.startswith("MONOCHROME") and has_window and "ModalityLUTSequence" not in dataset:
-        # The window the scan was meant to be read with; pydicom maps it onto the rescaled stored range.
-        slope, intercept = float(getattr(dataset, "RescaleSlope", 1) or 1), float(getattr(dataset, "RescaleIntercept", 0) or 0)
-        low, high = sorted((low * slope + intercept, high * slope + intercept))
+    rescaled = _dicom_has(dataset, "RescaleSlope") and _dicom_has(dataset, "RescaleIntercept")
+    slope = float(dataset.RescaleSlope) if rescaled else 1.0
+    intercept = float(dataset.RescaleIntercept) if rescaled else 0.0
+    windowed = (photometric.startswith("MONOCHROME") and _dicom_has(dataset, "WindowCenter")
+                and _dicom_has(dataset, "WindowWidth") and not _dicom_has(dataset, "ModalityLUTSequence")
+                and slope > 0)
+    if windowed:
+        # The window the scan was meant to be read with.  pydicom applies the rescale only when both of its
+        # elements are present, and maps the window onto the stored range rescaled the same way.
+        low, high = low * slope + intercept, high * slope + intercept
         values = apply_windowing(apply_modality_lut(pixels, dataset), dataset)
     scaled = _to_uint8(values, (low, high))
     if photometric == "MONOCHROME1":  # low values are shown white

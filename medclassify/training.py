@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, reuse: Optional[dict[int, str | os.PathLike]] = None
     val_split = load_split(spec, "val", data_dir=cfg.data_dir)
     if cfg.limit:
         train_split = _stratified_head(train_split, cfg.limit, cfg.seed)
-        val_split = _stratified_head(val_split, max(cfg.limit // 4, spec.num_classes * 2), cfg.seed)
+        val_split = _stratified_head(val_split, max(cfg.limit // 4, spec.num_classes * 2), cfg.seed, at_least=2)
     if cfg.smote:
         images, labels = smote_oversample(train_split.images, train_split.labels, cfg.seed)
         train_split = Split(images, labels)
@@ -351,7 +351,7 @@ def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_spli
                           augmentation=cfg.augmentation)
         history, best_epoch = _fit(model, train_split, val_split, spec, cfg, cfg.epochs, cfg.learning_rate,
                                    class_weight)
-    elif cfg.model == "vgg16":
+    else:  # "vgg16" (TrainConfig admits no other kind)
         model = build_vgg16(spec, weights=cfg.vgg16_weights, augment=cfg.augment,
                             input_size=cfg.vgg16_input_size, trainable_base=False, augmentation=cfg.augmentation)
         history, best_epoch = _fit(model, train_split, val_split, spec, cfg, cfg.epochs, cfg.learning_rate,
@@ -367,15 +367,15 @@ def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_spli
             else:  # fine-tuning never beat the frozen model on validation: keep the frozen model
                 set_base_trainable(model, False)  # the layout the weights were read in
                 model.set_weights(frozen_weights)
-    else:
-        raise ValueError(f"unknown model kind {cfg.model!r}")
     return model, history, best_epoch
 
 
 def _best_score(history: dict) -> float:
     """The best validation selection score a ``_fit`` history logged (-inf if it logged none)."""
-    scores = history.get("val_auc") or history.get("val_accuracy_selected") or []
-    return max(scores, default=-math.inf)
+    scores = history.get("val_auc") or history.get("val_accuracy_selected")
+    if not scores:  # _ValidationSelector logs one of them every epoch; without it the phases cannot be compared
+        raise RuntimeError("no validation selection score in the training history")
+    return max(scores)
 
 
 def _floats(value):
@@ -386,12 +386,13 @@ def _floats(value):
     return float(value) if isinstance(value, (int, float, np.floating, np.integer)) else value
 
 
-def _stratified_head(split: Split, n: int, seed: int) -> Split:
-    """A random subset of about ``n`` images with the split's class proportions (every class at least once),
-    for smoke runs: balanced subsets would hide what class weights and SMOTE do."""
+def _stratified_head(split: Split, n: int, seed: int, at_least: int = 1) -> Split:
+    """A random subset of about ``n`` images with the split's class proportions (every class at least
+    ``at_least`` times, as far as it has them), for smoke runs: balanced subsets would hide what class
+    weights and SMOTE do."""
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(split.labels, return_counts=True)
-    wanted = np.minimum(counts, np.maximum(1, np.round(n * counts / counts.sum()).astype(int)))
+    wanted = np.minimum(counts, np.maximum(at_least, np.round(n * counts / counts.sum()).astype(int)))
     picks = np.concatenate([rng.permutation(np.flatnonzero(split.labels == c))[:k] for c, k in zip(classes, wanted)])
     picks = rng.permutation(picks)
     return Split(split.images[picks], split.labels[picks])

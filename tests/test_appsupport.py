@@ -255,6 +255,8 @@ def test_upscale_is_nearest_neighbour():
 def test_preview():
     assert aps.preview(png(np.zeros((600, 300, 3), np.uint8)), max_side=256).shape == (256, 128, 3)
     assert aps.preview(b"not an image") is None
+    transparent = png(np.zeros((40, 40, 4), np.uint8))  # fully transparent
+    assert (aps.preview(transparent) == 255).all() and (aps.preview(transparent, background=0) == 0).all()
 
 
 # --------------------------------------------------------------------------- sample gallery

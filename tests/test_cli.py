@@ -393,3 +393,20 @@ def test_readme_train_example_is_the_shipped_breast_recipe():
     args = build_parser().parse_args(shlex.split(command.replace("\\\n", " ")))
     shipped = VARIANTS["breast"][SHIPPED["breast"]]
     assert dataclasses.replace(train_config(args), verbose=shipped.verbose) == shipped
+
+
+def test_help_shows_every_default_worth_showing(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--seed SEED random seed (weights, shuffling, augmentation) (default: 0)", "(default: 0.0)",
+                  "(default: 32,64,128)", "(default: 0.95)"):
+        assert shown in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("command", ["fit-ood", "ood-check"])
+def test_ood_commands_name_a_model_of_the_other_task(capsys, tiny_models, fixture_data_dir, command):
+    code, _, err = run_main(capsys, command, "--task", "breast", "--model", tiny_models["blood"].path,
+                            "--data-dir", fixture_data_dir)
+    assert code == 1 and "is not a breast model" in err and len(err.strip().splitlines()) == 1

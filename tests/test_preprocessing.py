@@ -495,16 +495,33 @@ def test_huge_dimensions_message():
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_bit_depth_does_not_change_the_picture(task):
-    """The same picture as 8-bit, 16-bit and 12-bit-in-16 gives the same model input (MedMNIST never stretched)."""
-    eight = gradient(120, 120, 1)
-    out8 = to_model_input(png_bytes(Image.fromarray(eight)), task).astype(int)
-    for name, wide in {"16 bit": eight.astype(np.uint16) * 257, "12 bit in 16": eight.astype(np.uint16) * 16}.items():
-        out = to_model_input(png_bytes(Image.fromarray(wide)), task).astype(int)
-        assert np.abs(out - out8).max() <= 2, name
-    # A dark scan whose values need all 16 bits is scaled by 16 bits: it stays dark, not stretched to full range.
-    dark = (eight // 4).astype(np.uint16) * 257
-    dark[0, 0] = 65535
-    assert np.median(to_model_input(png_bytes(Image.fromarray(dark)), task)) <= np.median(out8) / 4 + 3
+    """8-bit and 16-bit files of the same picture give the same model input, bright or dark (no stretching)."""
+    for name, eight in {"bright": gradient(120, 120, 1), "dark": gradient(120, 120, 1) // 5}.items():
+        out8 = to_model_input(png_bytes(Image.fromarray(eight)), task).astype(int)
+        out16 = to_model_input(png_bytes(Image.fromarray(eight.astype(np.uint16) * 257)), task).astype(int)
+        assert np.abs(out16 - out8).max() <= 1, name
+        tiff = io.BytesIO()
+        Image.fromarray(eight.astype(np.uint16) * 257).save(tiff, format="TIFF")
+        assert np.abs(to_model_input(tiff.getvalue(), task).astype(int) - out8).max() <= 1, name
+    # A 16-bit PNG holds 16-bit values (the PNG standard scales deeper data up): a 12-bit scan stored unscaled
+    # is dark, as documented, not brightened by guessing from its own maximum.
+    twelve = gradient(120, 120, 1).astype(np.uint16) * 16
+    out12 = to_model_input(png_bytes(Image.fromarray(twelve)), task).astype(int)
+    assert out12.max() <= 16
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.array([[0.0, 0.5, 1.02]] * 8), [0, 128, 255]),  # floats meant as 0..1, a little overshoot clipped
+    (np.array([[0.0, 127.6, 255.0]] * 8), [0, 128, 255]),  # floats meant as 8-bit
+    (np.array([[0, 128, 255]] * 8, np.int64), [0, 128, 255]),  # integers within 8 bits
+    (np.array([[0, 32768, 65535]] * 8, np.int32), [0, 128, 255]),  # integers beyond 8 bits: 16-bit
+    (np.array([[-1000.0, 0.0, 1000.0]] * 400), [0, 128, 255]),  # signed data: stretched between percentiles
+    (np.array([[3e20, 1e20, 0.0]] * 8), [255, 85, 0]),  # beyond every container: its own range
+])
+def test_value_ranges_of_undeclared_data(array, expected):
+    from medclassify.preprocessing import _to_uint8
+
+    assert _to_uint8(array)[0].tolist() == expected
 
 
 def test_eps_and_other_unlisted_formats_are_refused_without_decoding():
@@ -561,7 +578,9 @@ def test_dicom_window_is_applied(tmp_path):
     assert np.abs(windowed.astype(int) - expected.astype(int)).max() <= 3
 
 
-def test_palette_colour_dicom_shows_its_colours(tmp_path):
+@pytest.mark.parametrize("entry_bits", [16, 8])
+def test_palette_colour_dicom_shows_its_colours(tmp_path, entry_bits):
+    """8- or 16-bit palette entries (the LUT descriptor says which), both scaled to the picture's colours."""
     import pydicom
 
     rgb = gradient(64, 64)
@@ -570,35 +589,61 @@ def test_palette_colour_dicom_shows_its_colours(tmp_path):
     dataset = pydicom.dcmread(path)
     lut = np.zeros((256, 3), np.uint16)
     entries = np.asarray(palette.getpalette()[:64 * 3], np.uint16).reshape(64, 3)
-    lut[:64] = entries * 257
+    lut[:64] = entries * 257 if entry_bits == 16 else entries  # 8-bit entries still sit in 16-bit words
     for channel in range(3):  # Red, Green, Blue: (0028,110x) descriptors and (0028,120x) data
-        dataset.add_new(0x00281101 + channel, "US", [256, 0, 16])
+        dataset.add_new(0x00281101 + channel, "US", [256, 0, entry_bits])
         dataset.add_new(0x00281201 + channel, "OW", lut[:, channel].astype("<u2").tobytes())
     dataset.save_as(path, enforce_file_format=True)
     out = to_model_input(path, "blood").astype(int)
     assert np.abs(out - to_model_input(palette.convert("RGB"), "blood").astype(int)).max() <= 2
 
 
-def test_compressed_dicom_without_a_decoder_gets_a_clear_reason(tmp_path, monkeypatch):
+@pytest.mark.parametrize("decoder_available", [False, True])
+def test_compressed_dicom_that_fails_to_decode_gets_a_clear_reason(tmp_path, monkeypatch, decoder_available):
+    """Without a decoder plugin: say which compression; with one (here RLE), the decoder's own reason."""
+    import types
+
+    import pydicom
     import pydicom.pixels
-    from pydicom.uid import JPEGLSLossless
 
     path = write_dicom(tmp_path / "scan.dcm", gradient(32, 32, 1).astype(np.uint16), rle=True)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Unable to decompress the pixel data:\n    some plugin - details")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", fails)
+    decoder = types.SimpleNamespace(is_available=decoder_available)
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: decoder)
+    with pytest.raises(ImageError) as info:
+        prepare(path, "breast")
+    assert_one_line(str(info.value))
+    if decoder_available:
+        assert str(info.value) == "DICOM file could not be decoded (Unable to decompress the pixel data:)"
+    else:
+        assert str(info.value).startswith("DICOM compressed as RLE Lossless cannot be read here")
+
+
+def test_dicom_window_follows_pydicom_rescale_rules(tmp_path):
+    """A rescale needs both of its elements (as pydicom applies it); an empty window element is no window."""
     import pydicom
 
+    eight = gradient(64, 64, 1)
+    pixels = eight.astype(np.uint16) * 64
+    plain = to_model_input(write_dicom(tmp_path / "plain.dcm", pixels, bits_stored=14), "breast").astype(int)
+    windowed = to_model_input(write_dicom(tmp_path / "w.dcm", pixels, bits_stored=14, window=(4096, 8192)), "breast")
+    for name, change in {"intercept only": {"RescaleIntercept": "100"}}.items():
+        path = write_dicom(tmp_path / f"{name}.dcm", pixels, bits_stored=14, window=(4096, 8192))
+        dataset = pydicom.dcmread(path)
+        for key, value in change.items():
+            setattr(dataset, key, value)
+        dataset.save_as(path, enforce_file_format=True)
+        np.testing.assert_array_equal(to_model_input(path, "breast"), windowed, err_msg=name)
+    path = write_dicom(tmp_path / "empty.dcm", pixels, bits_stored=14, window=(4096, 8192))
     dataset = pydicom.dcmread(path)
-    dataset.file_meta.TransferSyntaxUID = JPEGLSLossless
-
-    def no_plugin(*args, **kwargs):
-        raise RuntimeError("Unable to decompress 'JPEG-LS Lossless Image Compression' pixel data because all plugins "
-                           "are missing dependencies:\n    gdcm - requires gdcm")
-
-    monkeypatch.setattr(pydicom.pixels, "pixel_array", no_plugin)
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    with pytest.raises(ImageError, match="JPEG-LS Lossless.*cannot be read here") as info:
-        prepare(buffer.getvalue(), "breast")
-    assert_one_line(str(info.value))
+    dataset.WindowCenter = None
+    dataset.save_as(path, enforce_file_format=True)
+    np.testing.assert_array_equal(to_model_input(path, "breast").astype(int), plain)
 
 
 def test_multi_frame_dicom_gives_its_first_frame(tmp_path):
