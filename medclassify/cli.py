@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from .experiments import VARIANTS
+from .models import AUGMENTATION_POLICIES, MODEL_KINDS
 from .registry import TASKS
 
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on the official training split")
     task_arg(t)
     data_arg(t)
-    t.add_argument("--model", choices=("cnn", "vgg16"), default="cnn")
+    t.add_argument("--model", choices=MODEL_KINDS, default="cnn")
     t.add_argument("--epochs", type=int, default=30, help="the best epoch on validation is kept")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--widths", default="32,64,128", help="CNN channels per stage, comma-separated")
     t.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation layers")
-    t.add_argument("--augmentation", choices=("default", "flips"), default="default", help="augmentation policy")
+    t.add_argument("--augmentation", choices=AUGMENTATION_POLICIES, default="default", help="augmentation policy")
     t.add_argument("--class-weight", action="store_true", help="balanced class weights")
     t.add_argument("--smote", action="store_true", help="SMOTE-oversample the training split")
     t.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
@@ -357,10 +358,9 @@ def _quantize(args) -> int:
 
 def _ood_check(args) -> int:
     from .cards import set_section
+    from .data import DataError
     from .oodcheck import ood_report
     from .registry import get_task
-
-    from .data import DataError
 
     try:
         report = ood_report(args.task, args.model, args.data_dir)

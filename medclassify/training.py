@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .data import Split, load_split
-from .models import AUGMENTATION_POLICIES, predict_probabilities
+from .models import AUGMENTATION_POLICIES, MODEL_KINDS, predict_probabilities
 from .registry import TASKS, TaskSpec, get_task
 
 
@@ -62,7 +62,7 @@ class TrainConfig:
                 raise InvalidConfig(name, rule, getattr(self, name))
 
         need(self.task in TASKS, "task", f"one of {sorted(TASKS)}")
-        need(self.model in ("cnn", "vgg16"), "model", "'cnn' or 'vgg16'")
+        need(self.model in MODEL_KINDS, "model", f"one of {list(MODEL_KINDS)}")
         need(self.epochs >= 1, "epochs", "at least 1")
         need(self.batch_size >= 1, "batch_size", "at least 1")
         need(self.learning_rate > 0, "learning_rate", "positive")
@@ -371,7 +371,7 @@ def _train_single(cfg: TrainConfig, spec: TaskSpec, train_split: Split, val_spli
 
 
 def _best_score(history: dict) -> float:
-    """The best validation selection score a ``_fit`` history logged (-inf if it logged none)."""
+    """The best validation selection score a ``_fit`` history logged."""
     scores = history.get("val_auc") or history.get("val_accuracy_selected")
     if not scores:  # _ValidationSelector logs one of them every epoch; without it the phases cannot be compared
         raise RuntimeError("no validation selection score in the training history")
