@@ -7,10 +7,11 @@ PORT   ?= 8501
 
 .PHONY: app test setup setup-dev notebooks benchmark clean
 
-$(BIN)/.runtime: requirements.txt
+$(BIN)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .   # the `medclassify` command
 	touch $@
 
 $(BIN)/.dev: requirements-dev.txt $(BIN)/.runtime

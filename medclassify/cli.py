@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .experiments import VARIANTS
@@ -41,7 +42,9 @@ def _quiet_tensorflow() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m medclassify", description=__doc__.rstrip())
+    # `medclassify` when run as the command `pip install -e .` installs, else the module form.
+    prog = "medclassify" if Path(sys.argv[0]).name == "medclassify" else "python -m medclassify"
+    parser = _Parser(prog=prog, description=__doc__.rstrip())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def task_arg(p):

@@ -211,10 +211,10 @@ def _dicom_has(dataset, keyword: str) -> bool:
 
 
 def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
-    """Stored DICOM pixels -> uint8 as a viewer shows them: palette, window, MONOCHROME1 inversion.
+    """Stored DICOM pixels -> uint8 as a viewer shows them: palette, VOI LUT or window, MONOCHROME1 inversion.
 
-    The scale comes from the header (Bits Stored, Pixel Representation), not from the image's
-    extremes, so the same picture gives the same model input whatever the file's bit depth.
+    The scale comes from the header (Bits Stored, Pixel Representation, a LUT's entry bits), not from
+    the image's extremes, so the same picture gives the same model input whatever the file's bit depth.
     """
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
 
@@ -235,7 +235,14 @@ def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
     windowed = (photometric.startswith("MONOCHROME") and _dicom_has(dataset, "WindowCenter")
                 and _dicom_has(dataset, "WindowWidth") and not _dicom_has(dataset, "ModalityLUTSequence")
                 and slope > 0)
-    if windowed:
+    voi_luts = dataset.get("VOILUTSequence") or [{}]
+    if (photometric.startswith("MONOCHROME") and voi_luts[0].get("LUTDescriptor") is not None
+            and voi_luts[0].get("LUTData") is not None):
+        # A VOI LUT is the view the scan was meant to be read with (viewers prefer it to a window).
+        modality = np.rint(apply_modality_lut(pixels, dataset)).astype(np.int64)
+        values, depth = _apply_voi_lut(voi_luts[0], modality, _dicom_little_endian(dataset))
+        low, high = 0.0, 2.0 ** depth - 1
+    elif windowed:
         # The window the scan was meant to be read with.  pydicom applies the rescale only when both of its
         # elements are present, and maps the window onto the stored range rescaled the same way.
         low, high = low * slope + intercept, high * slope + intercept
@@ -244,6 +251,30 @@ def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
     if photometric == "MONOCHROME1":  # low values are shown white
         scaled = 255 - scaled
     return scaled
+
+
+def _apply_voi_lut(item, values: np.ndarray, little_endian: bool) -> tuple[np.ndarray, int]:
+    """Look ``values`` up in a VOI LUT item -> (output values, output bits).
+
+    Not pydicom's ``apply_voi``: pydicom 3.0 indexes an 8-bit LUT with uint8 indices, so every LUT with more
+    than 256 entries (the usual 12-bit input) wraps around.  Values below the first mapped value take the
+    first entry, values past the table the last (PS3.3 C.11.2.1.1).
+    """
+    entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the file's byte order
+        table = np.frombuffer(data, dtype="<u2" if little_endian else ">u2")
+    else:  # US: already numbers
+        table = np.atleast_1d(np.asarray(data, dtype=np.int64))
+    table = table[:entries or 65536]
+    return table[np.clip(values - first_mapped, 0, len(table) - 1)], bits
+
+
+def _dicom_little_endian(dataset) -> bool:
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_transfer_syntax:
+        return syntax.is_little_endian
+    return dataset.original_encoding[1] is not False
 
 
 def to_mode(image: Image.Image, channels: int, background: int = 255) -> Image.Image:

@@ -578,6 +578,32 @@ def test_dicom_window_is_applied(tmp_path):
     assert np.abs(windowed.astype(int) - expected.astype(int)).max() <= 3
 
 
+@pytest.mark.parametrize("entry_bits, vr", [(8, "US"), (12, "OW"), (16, "US")])
+def test_dicom_voi_lut_is_applied_before_a_window(tmp_path, entry_bits, vr):
+    """A VOI LUT Sequence is the view the scan was meant to be read with (viewers prefer it to a window):
+    here it shows the lower half of the 14-bit range at full contrast; the file's window would not.
+    The 8-bit LUT has 8,192 entries, which pydicom 3.0's ``apply_voi`` indexes with wrapping uint8s."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    eight = gradient(64, 64, 1)
+    pixels = eight.astype(np.uint16) * 64
+    path = write_dicom(tmp_path / "voi.dcm", pixels, bits_stored=14, window=(8192, 16384))
+    dataset = pydicom.dcmread(path)
+    top = 2 ** entry_bits - 1
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [8192, 0, entry_bits])  # LUT Descriptor: entries, first value mapped, bits
+    table = [round(i * top / 8191) for i in range(8192)]
+    lut.add_new(0x00283006, vr, table if vr == "US" else np.asarray(table, "<u2").tobytes())  # LUT Data
+    dataset.VOILUTSequence = [lut]
+    dataset.save_as(path, enforce_file_format=True)
+    expected = to_model_input(np.clip(eight.astype(int) * 2, 0, 255).astype(np.uint8), "breast").astype(int)
+    assert np.abs(to_model_input(path, "breast").astype(int) - expected).max() <= 3
+    dataset.PhotometricInterpretation = "MONOCHROME1"  # the LUT's output is inverted, on the LUT's scale
+    dataset.save_as(path, enforce_file_format=True)
+    assert np.abs(to_model_input(path, "breast").astype(int) - (255 - expected)).max() <= 3
+
+
 @pytest.mark.parametrize("entry_bits", [16, 8])
 def test_palette_colour_dicom_shows_its_colours(tmp_path, entry_bits):
     """8- or 16-bit palette entries (the LUT descriptor says which), both scaled to the picture's colours."""
