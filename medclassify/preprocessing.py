@@ -258,7 +258,9 @@ def _apply_voi_lut(item, values: np.ndarray, little_endian: bool) -> tuple[np.nd
 
     Not pydicom's ``apply_voi``: pydicom 3.0 indexes an 8-bit LUT with uint8 indices, so every LUT with more
     than 256 entries (the usual 12-bit input) wraps around.  Values below the first mapped value take the
-    first entry, values past the table the last (PS3.3 C.11.2.1.1).
+    first entry, values past the table the last (PS3.3 C.11.2.1.1).  Some devices declare the LUT's word
+    size (16) rather than the bits its entries use; like Horos and Cornerstone, the output bits are those
+    the largest entry needs when that is fewer than declared (never under 8).
     """
     entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
     data = item.LUTData
@@ -267,6 +269,7 @@ def _apply_voi_lut(item, values: np.ndarray, little_endian: bool) -> tuple[np.nd
     else:  # US: already numbers
         table = np.atleast_1d(np.asarray(data, dtype=np.int64))
     table = table[:entries or 65536]
+    bits = min(bits, max(8, int(table.max()).bit_length()))
     return table[np.clip(values - first_mapped, 0, len(table) - 1)], bits
 
 

@@ -578,11 +578,13 @@ def test_dicom_window_is_applied(tmp_path):
     assert np.abs(windowed.astype(int) - expected.astype(int)).max() <= 3
 
 
-@pytest.mark.parametrize("entry_bits, vr", [(8, "US"), (12, "OW"), (16, "US")])
-def test_dicom_voi_lut_is_applied_before_a_window(tmp_path, entry_bits, vr):
+@pytest.mark.parametrize("entry_bits, declared_bits, vr", [(8, 8, "US"), (12, 12, "OW"), (16, 16, "US"),
+                                                           (12, 16, "US")])
+def test_dicom_voi_lut_is_applied_before_a_window(tmp_path, entry_bits, declared_bits, vr):
     """A VOI LUT Sequence is the view the scan was meant to be read with (viewers prefer it to a window):
     here it shows the lower half of the 14-bit range at full contrast; the file's window would not.
-    The 8-bit LUT has 8,192 entries, which pydicom 3.0's ``apply_voi`` indexes with wrapping uint8s."""
+    The 8-bit LUT has 8,192 entries, which pydicom 3.0's ``apply_voi`` indexes with wrapping uint8s; the
+    last LUT declares 16 bits for 12-bit entries, as some devices do."""
     import pydicom
     from pydicom.dataset import Dataset
 
@@ -592,7 +594,7 @@ def test_dicom_voi_lut_is_applied_before_a_window(tmp_path, entry_bits, vr):
     dataset = pydicom.dcmread(path)
     top = 2 ** entry_bits - 1
     lut = Dataset()
-    lut.add_new(0x00283002, "US", [8192, 0, entry_bits])  # LUT Descriptor: entries, first value mapped, bits
+    lut.add_new(0x00283002, "US", [8192, 0, int(declared_bits)])  # LUT Descriptor: entries, first value mapped, bits
     table = [round(i * top / 8191) for i in range(8192)]
     lut.add_new(0x00283006, vr, table if vr == "US" else np.asarray(table, "<u2").tobytes())  # LUT Data
     dataset.VOILUTSequence = [lut]
