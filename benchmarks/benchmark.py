@@ -811,7 +811,7 @@ def throughput_rows(results: dict) -> list[list[str]]:
 
 
 THROUGHPUT_HEADER = ["model", "img/s batch 1", "img/s batch 32", "img/s batch 256",
-                     f"CPU ms/img at 256 (≈ idle img/s on all cores)", "PNG bytes → Predictions img/s (predict_many)",
+                     "CPU ms/img at 256 (≈ idle img/s on all cores)", "PNG bytes → Predictions img/s (predict_many)",
                      "load + warm-up (s)", "cold process ready (s)", "cold process peak RSS (MB)"]
 
 

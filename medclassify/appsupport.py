@@ -8,7 +8,6 @@ memory only: nothing here writes a file.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,11 +414,3 @@ def serving_text(card: dict, precision: str) -> str:
 
 def csv_name(task: str) -> str:
     return f"medclassify_{task}_results.csv"
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()

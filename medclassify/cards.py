@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from . import __version__
 from .registry import REPO_ROOT, TaskSpec, get_task
@@ -55,9 +54,14 @@ def read_card(model_path: str | os.PathLike) -> dict:
 
 def write_card(model_path: str | os.PathLike, card: dict) -> Path:
     path = card_path(model_path)
-    with open(path, "w") as fh:
-        json.dump(card, fh, indent=2, sort_keys=False)
-        fh.write("\n")
+    temporary = path.with_name(f".{path.name}.writing")
+    try:  # renamed over the old card only once complete: a reader never sees half a card
+        with open(temporary, "w") as fh:
+            json.dump(card, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -213,6 +213,10 @@ def _train(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out
+    problem = _unwritable_model_path(out)
+    if problem:  # found now, not after the whole training run
+        print(f"error: --out {out}: {problem}", file=sys.stderr)
+        return 2
     try:
         result = train(cfg)
     except DataError as exc:
@@ -230,6 +234,21 @@ def _train(args) -> int:
     return 0
 
 
+def _unwritable_model_path(out: str) -> str:
+    """Why ``out`` cannot take a saved model, or ''."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.suffix not in (".h5", ".keras"):
+        return "the model file must end in .h5 (or .keras)"
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    return ""
+
+
 def _evaluate(args) -> int:
     from .cards import add_evaluation
     from .data import DataError
@@ -240,12 +259,16 @@ def _evaluate(args) -> int:
     except (DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.write_card:
-        add_evaluation(metrics["model"], metrics, _command_line(args))
     if args.json:
         print(json.dumps(metrics))
     else:
         _print_metrics(metrics)
+    if args.write_card:
+        try:
+            add_evaluation(metrics["model"], metrics, _command_line(args))
+        except OSError as exc:  # no card beside the model, or one that cannot be written: the metrics are out
+            print(f"error: card not updated: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -306,6 +329,7 @@ def _fit_ood(args) -> int:
 
 
 def _experiment(args) -> int:
+    from .data import DataError
     from .experiments import card_file, is_trial, run_variant, variant_config
     from .training import InvalidConfig
 
@@ -317,8 +341,13 @@ def _experiment(args) -> int:
     except ValueError as exc:  # unknown variant
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    card = run_variant(args.task, args.variant, seed=args.seed, data_dir=args.data_dir, bootstrap=args.bootstrap,
-                       command=_command_line(args), epochs=args.epochs, limit=args.limit)
+    try:
+        card = run_variant(args.task, args.variant, seed=args.seed, data_dir=args.data_dir,
+                           bootstrap=args.bootstrap, command=_command_line(args), epochs=args.epochs,
+                           limit=args.limit)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     trial = is_trial(epochs=args.epochs, limit=args.limit)
     # Only the validation numbers, which are what variants are compared on: the test metrics are in
     # the card for the report, and printing them after every run invites choosing by them.
@@ -337,22 +366,24 @@ def _report(args) -> int:
 
 
 def _ship(args) -> int:
+    from .data import DataError
     from .experiments import ship
 
     try:
         print(ship(args.task, args.variant, args.seed, data_dir=args.data_dir))
-    except (FileNotFoundError, ValueError) as exc:
+    except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
 def _quantize(args) -> int:
+    from .data import DataError
     from .experiments import quantize_and_refit
 
     try:
         section = quantize_and_refit(args.task, args.model, args.data_dir, command=_command_line(args))
-    except (FileNotFoundError, ValueError) as exc:
+    except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(section))

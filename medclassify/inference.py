@@ -13,12 +13,16 @@ with a fixed input signature) that
 * returns the calibrated probabilities and the pooled features (for the
   out-of-distribution check) from the same call.
 
-Single images go through TensorFlow Lite instead (``LiteSingleImage``): the
-same graph converted in memory at load time and run by the XNNPACK CPU
-kernels, which have a fraction of TensorFlow's per-call overhead (measured in
-``benchmarks/RESULTS.md``).  The conversion is checked against the Keras
-outputs at load; when it cannot be built or disagrees, TensorFlow is used.
-Batches stay on TensorFlow (same throughput, and one graph for any N).
+A model whose card lists an int8 serving copy (``quantization``: the shipped
+models) answers single images and batches through that copy on TensorFlow
+Lite.  Without one (``MEDCLASSIFY_SERVING_PRECISION=float``, trained models
+that were never quantised), single images go through TensorFlow Lite
+(``LiteSingleImage``): the same float graph converted in memory at load time
+and run by the XNNPACK CPU kernels, which have a fraction of TensorFlow's
+per-call overhead (measured in ``benchmarks/RESULTS.md``).  That conversion is
+checked against the Keras outputs at load; when it cannot be built or
+disagrees, TensorFlow is used.  Float batches stay on TensorFlow (same
+throughput, and one graph for any N).
 
 The app (``get_predictor``), the CLI (``run_predict_cli``), ``fit_ood`` and the
 benchmarks (``benchmarks/benchmark.py``) all go through ``Predictor``.
@@ -274,6 +278,8 @@ class Predictor:
         self.threshold = decision.get("threshold")
         if self.threshold is None and self.spec.decision == "threshold":
             self.threshold = self.spec.default_threshold
+            print(f"warning: {self.model_path.name} has no threshold in its card; deciding at MedMNIST's "
+                  f"{self.threshold}, which was not chosen for any sensitivity", file=sys.stderr)
         self._serving_model, self._serving_inputs = serving_model(self.model)
         self._graphs = {}  # dtype -> TensorFlow graph, traced on first use: the int8 copy usually serves
         self._graph_lock = threading.Lock()

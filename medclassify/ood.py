@@ -15,6 +15,7 @@ Statistics live in ``model_x.ood.npz`` beside the model; thresholds in the card.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -43,22 +44,30 @@ class Verdict:
 
 class OODDetector:
     def __init__(self, spec: TaskSpec, means=None, precision=None, threshold: Optional[float] = None,
-                 min_colourfulness: Optional[float] = None):
+                 min_colourfulness: Optional[float] = None, unavailable: Optional[str] = None):
         self.spec = spec
         self.means = None if means is None else np.asarray(means, dtype=np.float64)
         self.precision = None if precision is None else np.asarray(precision, dtype=np.float64)
         self.threshold = threshold
         self.min_colourfulness = min_colourfulness
+        self.unavailable = unavailable  # why the distance rule the card declares cannot run
 
     @classmethod
     def for_model(cls, spec: TaskSpec, model_path, card: dict) -> "OODDetector":
         settings = (card or {}).get("ood") or {}
         path = ood_path(model_path)
-        means = precision = None
-        if path.exists():
+        means = precision = unavailable = None
+        try:
             with np.load(path) as stats:
                 means, precision = stats["means"], stats["precision"]
-        return cls(spec, means, precision, settings.get("distance_threshold"), settings.get("min_colourfulness"))
+        except Exception as exc:  # missing, truncated, or not our statistics
+            if settings.get("distance_threshold") is not None:
+                # The card promises this check; answering without it would hide the one warning users rely on.
+                unavailable = f"{path.name} {'is missing' if not path.exists() else 'cannot be read'}"
+                print(f"warning: {unavailable} ({type(exc).__name__}); every answer of {Path(model_path).name} is "
+                      f"withheld until `python -m medclassify fit-ood --task {spec.name}` rewrites it", file=sys.stderr)
+        return cls(spec, means, precision, settings.get("distance_threshold"), settings.get("min_colourfulness"),
+                   unavailable)
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class mean, per row."""
@@ -81,7 +90,10 @@ class OODDetector:
         if float(pixels.std(axis=0).max()) < BLANK_MAX_STD:  # per channel: a flat colour is blank too
             reasons.append("blank image: there is almost no contrast to classify")
         score = None
-        if self.means is not None and self.threshold is not None:
+        if self.unavailable:
+            reasons.append(f"the check for images unlike the training data cannot run ({self.unavailable}): "
+                           "no answer is given")
+        elif self.means is not None and self.threshold is not None:
             score = float(self.distances(features)[0])
             if score > self.threshold:
                 reasons.append(f"unlike the training images (distance score {score:.0f}, over the model's limit "

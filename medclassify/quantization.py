@@ -63,7 +63,13 @@ def head_path(model_path) -> Path:
 
 
 def lite_threads() -> int:
-    return int(os.environ.get(LITE_THREADS_ENV, "0") or 0) or min(os.cpu_count() or 1, 4)
+    default = min(os.cpu_count() or 1, 4)
+    value = os.environ.get(LITE_THREADS_ENV, "").strip()
+    try:
+        return int(value or 0) or default
+    except ValueError:  # a typo must not switch the served model to float
+        print(f"warning: ignoring {LITE_THREADS_ENV}={value!r} (not an integer)", file=sys.stderr)
+        return default
 
 
 def serving_precision() -> str:
@@ -198,11 +204,20 @@ def int8_copy(graph, calibration: np.ndarray) -> LiteModel:
 
 
 def load_quantized(model_path, card: dict) -> Optional[LiteModel]:
-    """The int8 copy the card lists, or None (none listed, or files the card does not vouch for)."""
+    """The int8 copy the card lists, or None (none listed, or files the card does not vouch for).
+
+    The card vouches for the copy's files and, when it records one, for the float model the copy was made
+    from: a copy left beside another ``.h5`` (a half-finished ``ship``, a model copied over by hand)
+    would answer for a model it is not.
+    """
     serving = (card or {}).get("serving") or {}
     if not serving.get("file"):
         return None
     folder = Path(model_path).parent
+    if serving.get("model_sha256") and sha256_file(model_path) != serving["model_sha256"]:
+        print(f"warning: {serving['file']} was made from another {Path(model_path).name} (SHA-256); "
+              "serving the float model", file=sys.stderr)
+        return None
     blobs = []
     for name, digest in ((serving["file"], serving.get("sha256")), (serving.get("head_file"), serving.get("head_sha256"))):
         path = folder / str(name)
@@ -215,6 +230,24 @@ def load_quantized(model_path, card: dict) -> Optional[LiteModel]:
             return None
         blobs.append(blob)
     return LiteModel(*blobs)
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sensitivity(spec: TaskSpec, labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
+    """Share of the positive class's images that the thresholded decision calls positive."""
+    from .evaluation import decide
+
+    positives = np.asarray(labels) == spec.positive_class
+    if not positives.any():
+        return float("nan")
+    return float(np.mean(decide(spec, probs, threshold)[positives] == spec.positive_class))
 
 
 def compare(spec: TaskSpec, labels: np.ndarray, float_probs: np.ndarray, int8_probs: np.ndarray,
@@ -243,7 +276,8 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     """Write the int8 backbone and float head beside the model and the card's ``serving`` section.
 
     Returns the section.  Raises ``ValueError`` (and writes nothing) when the served outputs
-    change more validation decisions than ``allowed_changes``.
+    change more validation decisions than ``allowed_changes``, or, for a thresholded task, bring the
+    validation sensitivity under the target the threshold was chosen for.
     """
     from .cards import read_card, set_section
     from .data import load_split
@@ -255,7 +289,9 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     spec = get_task(task)
     model_path = Path(model_path) if model_path else spec.model_path
     model = load_model(model_path, spec)
-    threshold = (read_card(model_path).get("decision") or {}).get("threshold")
+    card = read_card(model_path)
+    threshold = (card.get("decision") or {}).get("threshold")
+    target_sensitivity = ((card.get("training") or {}).get("config") or {}).get("target_sensitivity")
     graph, n_inputs = serving_model(model, features=None)
     if n_inputs != 1:
         raise ValueError("this model's graph has augmentation branches; re-save it with `ship` first")
@@ -266,8 +302,12 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     section = {
         "runtime": RUNTIME_NAME,
         "calibration": {"split": "train", "images": int(len(picked)), "seed": seed},
-        "acceptance": "at most 1% of the validation decisions (at least one) may change",
+        "acceptance": "at most 1% of the validation decisions (at least one) may change"
+                      + ("; the validation sensitivity stays at or above the threshold's target"
+                         if threshold is not None and target_sensitivity is not None else ""),
         "command": command or f"python -m medclassify quantize --task {spec.name}",
+        "model_file": model_path.name,
+        "model_sha256": sha256_file(model_path),
     }
     for split in splits:
         data = load_split(spec, split, data_dir=data_dir)
@@ -277,6 +317,11 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
         if split == "val" and section[split]["decisions_changed"] > allowed_changes(len(data.labels)):
             raise ValueError(f"int8 changes {section[split]['decisions_changed']} of {len(data.labels)} validation "
                              f"decisions (at most {allowed_changes(len(data.labels))} allowed); keeping the float model")
+        if split == "val" and threshold is not None and target_sensitivity is not None:
+            served = sensitivity(spec, data.labels, int8_probs, threshold)
+            if served < target_sensitivity <= sensitivity(spec, data.labels, float_probs, threshold):
+                raise ValueError(f"int8 brings the validation sensitivity to {served:.3f}, under the threshold's "
+                                 f"target of {target_sensitivity}; keeping the float model")
     files = {}
     for key, path, runner in (("file", quantized_path(model_path), lite.backbone),
                               ("head_file", head_path(model_path), lite.head)):

@@ -6,7 +6,6 @@ for, oversamples the training split only.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -293,8 +292,8 @@ def train(cfg: TrainConfig, reuse: Optional[dict[int, str | os.PathLike]] = None
     train_split = load_split(spec, "train", data_dir=cfg.data_dir)
     val_split = load_split(spec, "val", data_dir=cfg.data_dir)
     if cfg.limit:
-        train_split = _stratified_head(train_split, cfg.limit, cfg.seed)
-        val_split = _stratified_head(val_split, max(cfg.limit // 4, spec.num_classes * 2), cfg.seed, at_least=2)
+        train_split = _stratified_subset(train_split, cfg.limit, cfg.seed)
+        val_split = _stratified_subset(val_split, max(cfg.limit // 4, spec.num_classes * 2), cfg.seed, at_least=2)
     if cfg.smote:
         images, labels = smote_oversample(train_split.images, train_split.labels, cfg.seed)
         train_split = Split(images, labels)
@@ -386,7 +385,7 @@ def _floats(value):
     return float(value) if isinstance(value, (int, float, np.floating, np.integer)) else value
 
 
-def _stratified_head(split: Split, n: int, seed: int, at_least: int = 1) -> Split:
+def _stratified_subset(split: Split, n: int, seed: int, at_least: int = 1) -> Split:
     """A random subset of about ``n`` images with the split's class proportions (every class at least
     ``at_least`` times, as far as it has them), for smoke runs: balanced subsets would hide what class
     weights and SMOTE do."""

@@ -167,6 +167,16 @@ def test_train_rejects_bad_settings_exit_2(capsys, tmp_path, bad):
     assert not (tmp_path / "m.h5").exists()
 
 
+@pytest.mark.parametrize("out, problem", [("model_breast", "must end in .h5"),
+                                          ("missing/model.h5", "does not exist")])
+def test_train_checks_out_before_training(capsys, tmp_path, monkeypatch, out, problem):
+    from medclassify import training
+
+    monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("trained before checking --out"))
+    code, _, err = run_main(capsys, "train", "--task", "breast", "--out", tmp_path / out)
+    assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
+
+
 def test_train_missing_data_exit_1(capsys, tmp_path, monkeypatch):
     from medclassify import data
 
@@ -215,6 +225,25 @@ def test_evaluate_text_bootstrap_and_write_card(capsys, tiny_models, fixture_dat
     assert card["val"]["n"] == 10 and "ci95" in card["val"]
     assert card["evaluation_commands"]["val"].startswith("python -m medclassify ")
     assert card["test"] is None  # only the split that was evaluated
+
+
+def test_evaluate_write_card_without_a_card_still_prints_the_metrics(capsys, tiny_models, fixture_data_dir,
+                                                                    tmp_path):
+    model = copy_model(tiny_models["breast"].path, tmp_path / "model_breast.h5")
+    model.with_suffix(".card.json").unlink()
+    code, stdout, err = run_main(capsys, "evaluate", "--task", "breast", "--model", model, "--data-dir",
+                                 fixture_data_dir, "--json", "--write-card")
+    assert code == 1 and json.loads(stdout)["n"] == 10
+    assert err.startswith("error: card not updated:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["quantize"], ["experiment", "--variant", "cnn"]])
+def test_corrupt_data_is_one_line_for_every_command(capsys, tmp_path, tiny_models, command):
+    (tmp_path / get_task("breast").file_name()).write_bytes(b"not the official file")
+    if command == ["quantize"]:
+        command = ["quantize", "--model", copy_model(tiny_models["breast"].path, tmp_path / "model_breast.h5")]
+    code, _, err = run_main(capsys, *command[:1], "--task", "breast", *command[1:], "--data-dir", tmp_path)
+    assert code == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
 
 
 def test_card_records_the_command_of_an_in_process_call(capsys, tiny_models, fixture_data_dir, tmp_path):

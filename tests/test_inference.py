@@ -233,6 +233,20 @@ def test_predict_one_image(predictors, fixture_images, task):
         json.dumps(record)  # serialisable
 
 
+def test_a_breast_model_without_a_threshold_decides_at_0_5_and_says_so(tiny_models, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model_breast.h5"
+    shutil.copyfile(tiny_models["breast"].path, model)  # no card beside it
+    predictor = Predictor("breast", model, warm=False)
+    assert predictor.threshold == 0.5
+    assert "no threshold in its card; deciding at MedMNIST's 0.5" in capsys.readouterr().err
+    probs, _ = predictor.predict_arrays(random_batch("breast", n=8))
+    prediction = predictor.predict(random_batch("breast", n=1)[0])
+    assert prediction.label == ("malignant" if prediction.probabilities["malignant"] >= 0.5 else "normal/benign")
+    assert probs.shape == (8, 2)
+
+
 def test_get_predictor_caches(tiny_models):
     path = str(tiny_models["blood"].path)
     first = get_predictor("blood", path)

@@ -256,8 +256,6 @@ def _logits(model, x):
 
 
 def test_inference_model_drops_augmentation_and_keeps_predictions():
-    import keras
-
     from medclassify.models import inference_model
 
     model = build_cnn("blood", widths=SMALL)

@@ -140,3 +140,20 @@ def test_for_model_without_statistics(tmp_path):
     detector = OODDetector.for_model(BLOOD, tmp_path / "none.h5", {})
     assert detector.means is None and detector.threshold is None
     assert detector.check(_prepared(colourful(), "blood"), None, np.zeros((1, 4))).score is None
+
+
+@pytest.mark.parametrize("content", [None, b"not an npz"])
+def test_a_card_whose_statistics_are_gone_gets_no_answer(tmp_path, capsys, content):
+    """The card promises the distance rule; without its statistics every image is withheld, not answered
+    unchecked."""
+    model = tmp_path / "model_blood.h5"
+    if content is not None:
+        ood_path(model).write_bytes(content)
+    detector = OODDetector.for_model(BLOOD, model, {"ood": {"distance_threshold": 10.0}})
+    err = capsys.readouterr().err
+    assert "model_blood.ood.npz" in err and "`python -m medclassify fit-ood --task blood`" in err
+    verdict = detector.check(_prepared(colourful(), "blood"), None, np.zeros((1, 4)))
+    assert verdict.flagged and verdict.score is None
+    assert verdict.reasons == [f"the check for images unlike the training data cannot run (model_blood.ood.npz "
+                               f"{'is missing' if content is None else 'cannot be read'}): no answer is given"]
+

@@ -109,6 +109,67 @@ def test_float_is_served_when_asked_or_when_the_files_do_not_match_the_card(quan
     assert "not found" in capsys.readouterr().err
 
 
+def test_a_copy_made_from_another_model_is_not_served(quantized, capsys):
+    """The card vouches for the float model the copy was made from: a copy left beside another .h5 (a
+    half-finished ship, a model copied over by hand) would answer for a model it is not."""
+    path, section = quantized
+    assert section["model_file"] == path.name and section["model_sha256"] == quantization.sha256_file(path)
+    assert Predictor("blood", path, warm=False).precision == "int8"
+    model = load_model(path)
+    kernel, bias = model.get_layer("logits").get_weights()
+    model.get_layer("logits").set_weights([kernel, bias + 1.0])  # another model under the same name
+    model.save(str(path))
+    assert quantization.sha256_file(path) != section["model_sha256"]
+    assert Predictor("blood", path, warm=False).precision == "float"
+    assert "was made from another tiny_blood.h5" in capsys.readouterr().err
+
+
+def test_quantize_refuses_a_copy_that_breaks_the_breast_sensitivity_target(tiny_models, fixture_data_dir,
+                                                                          tmp_path, monkeypatch):
+    """The threshold was chosen for a validation sensitivity; the served copy must keep it."""
+    monkeypatch.setattr(quantization, "allowed_changes", lambda n: n)
+    path = _copy_model(tiny_models["breast"].path, tmp_path / "model")
+    card = read_card(path)
+    card["decision"]["threshold"] = 0.01  # the float model (near random) calls every image malignant
+    card["training"]["config"]["target_sensitivity"] = 0.9
+    card_path(path).write_text(json.dumps(card))
+    real_copy = quantization.int8_copy
+
+    def never_malignant(graph, calibration):
+        lite = real_copy(graph, calibration)
+
+        class Benign:
+            def __call__(self, images):
+                probs, features = lite(images)
+                return np.tile([0.0, 1.0], (len(probs), 1)).astype(probs.dtype), features
+
+            def __getattr__(self, name):
+                return getattr(lite, name)
+        return Benign()
+
+    monkeypatch.setattr(quantization, "int8_copy", never_malignant)
+    with pytest.raises(ValueError, match="sensitivity to 0.000, under the threshold's target of 0.9"):
+        quantization.quantize("breast", path, str(fixture_data_dir))
+    assert not quantization.quantized_path(path).exists()
+
+
+def test_sensitivity_counts_the_positive_class_only():
+    spec = get_task("breast")  # label 0 = malignant is the positive class
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    labels = np.array([0, 0, 1, 1])
+    assert quantization.sensitivity(spec, labels, probs, 0.5) == 0.5
+    assert quantization.sensitivity(spec, labels, probs, 0.15) == 1.0
+    assert np.isnan(quantization.sensitivity(spec, np.array([1, 1]), probs[:2], 0.5))
+
+
+def test_a_thread_count_typo_does_not_switch_the_served_model(monkeypatch, capsys):
+    monkeypatch.setenv(quantization.LITE_THREADS_ENV, "auto")
+    assert quantization.lite_threads() >= 1
+    assert "ignoring" in capsys.readouterr().err
+    monkeypatch.setenv(quantization.LITE_THREADS_ENV, "3")
+    assert quantization.lite_threads() == 3
+
+
 def test_quantize_refuses_a_copy_that_changes_too_many_decisions(tiny_models, fixture_data_dir, tmp_path,
                                                                 monkeypatch):
     path = _copy_model(tiny_models["breast"].path, tmp_path / "model")
@@ -123,6 +184,7 @@ def test_quantize_refuses_a_copy_that_changes_too_many_decisions(tiny_models, fi
 
 def test_quantize_command_refits_the_ood_statistics(tiny_models, fixture_data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quantization, "allowed_changes", lambda n: n)
+    monkeypatch.setattr(quantization, "sensitivity", lambda *args: 1.0)  # nor its sensitivity
     path = _copy_model(tiny_models["breast"].path, tmp_path / "model")
     stats_before = np.load(ood_path(path))["means"]
     code = main(["quantize", "--task", "breast", "--model", str(path), "--data-dir", str(fixture_data_dir)])

@@ -105,6 +105,9 @@ def test_shipped_model_is_served_by_its_int8_copy_which_meets_the_same_bars(real
     serving = read_card(spec.model_path)["serving"]
     assert serving["val"]["decisions_changed"] <= allowed_changes(serving["val"]["n"])
     assert serving["calibration"]["split"] == "train"
+    if spec.decision == "threshold":  # the copy keeps the validation sensitivity the threshold was chosen for
+        target = read_card(spec.model_path)["training"]["config"]["target_sensitivity"]
+        assert serving["val"]["int8_metrics"]["sensitivity"] >= target
     test = load_split(task, "test", data_dir=realdata_dir, download=False)
     probs = np.concatenate([predictor.predict_arrays(test.images[i:i + 256])[0] for i in range(0, len(test.images), 256)])
     metrics = compute_metrics(spec, test.labels, probs, threshold=predictor.threshold)

@@ -200,16 +200,16 @@ def test_choose_threshold_keeps_sensitivity_and_is_the_highest(p, seed, target):
 
 # --------------------------------------------------------------------------- helpers
 
-def test_stratified_head():
+def test_stratified_subset():
     labels = np.repeat(np.arange(4), 10)
     split = Split(np.arange(40)[:, None, None, None].astype(np.uint8), labels)
-    head = training._stratified_head(split, 8, seed=0)
+    head = training._stratified_subset(split, 8, seed=0)
     assert np.bincount(head.labels).tolist() == [2, 2, 2, 2]
     assert len(set(head.images[:, 0, 0, 0].tolist())) == 8  # no duplicates
     np.testing.assert_array_equal(labels[head.images[:, 0, 0, 0]], head.labels)
     # class proportions are kept (so class weights and SMOTE still have something to do), every class present
     imbalanced = Split(np.arange(103)[:, None, None, None].astype(np.uint8), np.repeat([0, 1, 2], [75, 25, 3]))
-    assert np.bincount(training._stratified_head(imbalanced, 20, seed=1).labels).tolist() == [15, 5, 1]
+    assert np.bincount(training._stratified_subset(imbalanced, 20, seed=1).labels).tolist() == [15, 5, 1]
 
 
 def test_config_dict_and_environment():
@@ -349,7 +349,7 @@ def _distance_moved(fixture_data_dir, ema: float) -> float:
     spec = get_task("breast")
     cfg = TrainConfig(task="breast", epochs=3, batch_size=8, widths=(4, 8), augment=False, ema=ema,
                       data_dir=str(fixture_data_dir), verbose=0)
-    train_split = training._stratified_head(load_split(spec, "train", data_dir=str(fixture_data_dir)), 30, 0)
+    train_split = training._stratified_subset(load_split(spec, "train", data_dir=str(fixture_data_dir)), 30, 0)
     val_split = load_split(spec, "val", data_dir=str(fixture_data_dir))
     training.set_seed(0)
     initial = [w.numpy() for w in build_cnn(spec, augment=False, widths=(4, 8), dropout=cfg.dropout).trainable_weights]
