@@ -10,6 +10,7 @@ comparison table therefore comes from one documented command.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -191,6 +192,15 @@ ANCHORS = {
     ],
 }
 
+ANCHOR_SOURCES = (
+    "Sources: MedMNIST v2 = Yang et al., *MedMNIST v2*, Scientific Data 10:41 (2023); "
+    "MedMNIST+ = Doerrich et al., *Rethinking model prototyping through the MedMNIST+ dataset collection*, "
+    "Scientific Reports (2025), arXiv:2404.15786; reference project = the project this app replaces, whose "
+    "notebooks reported these numbers (its breast numbers are left out: it trained on validation images and "
+    "chose its threshold on the test split). The MedMNIST+ and reference-project numbers are as quoted in "
+    "the model issue (#3)."
+)
+
 
 def _fmt(metrics: dict, key: str) -> str:
     value = metrics.get(key)
@@ -226,7 +236,7 @@ def comparison_table(task: str) -> str:
              "| model | test accuracy | test AUC |", "|---|---|---|"]
     for name, acc, auc in ANCHORS[task]:
         lines.append(f"| {name} | {acc:.3f} | {'–' if auc is None else f'{auc:.3f}'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", ANCHOR_SOURCES])
 
 
 def seed_summary(task: str, variant: str) -> Optional[dict]:
@@ -283,6 +293,26 @@ def _resamples_text() -> str:
     return f"{counts.pop():,} resamples" if len(counts) == 1 and None not in counts else "resamples as in each card"
 
 
+def seed_lines(task: str) -> list[str]:
+    """One sentence per configuration that has several seed runs: its test metrics' mean ± std."""
+    members = ensemble_member_variants(task, SHIPPED[task])
+    assembled_from = {member: ensemble for ensemble in VARIANTS[task] if ensemble != SHIPPED[task]
+                      for member in ensemble_member_variants(task, ensemble)}
+    lines = []
+    for variant in VARIANTS[task]:
+        summary = seed_summary(task, variant)
+        if summary:
+            role = "Shipped configuration" if variant == SHIPPED[task] else "Configuration"
+            if variant in members:
+                role = f"Members of the shipped `{SHIPPED[task]}`: configuration"
+            elif variant in assembled_from:
+                role = f"Members of `{assembled_from[variant]}`: configuration"
+            lines.append(f"{role} `{variant}` over {summary['seeds']} seeds (test, mean ± std): "
+                         + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary.items()
+                                     if isinstance(v, dict)))
+    return lines
+
+
 def write_report() -> Path:
     from .cards import read_card
 
@@ -292,8 +322,9 @@ def write_report() -> Path:
              f"Cells: point estimate [95% bootstrap CI, {_resamples_text()}]. Selection, temperature and the breast",
              "threshold use the validation split; the test split is evaluated once per model. Wall times are",
              "for 2 CPU cores shared with other jobs (training, tests), so an idle machine is faster.",
-             "The shipped variant of each task is the one with the best validation score (blood: accuracy,",
-             "breast: AUC); the test columns played no part in the choice.", ""]
+             "The shipped variant of each task is the row with the best validation score (blood: accuracy,",
+             "breast: AUC); the test columns played no part in the choice. Rows are seed-0 runs; the further",
+             "seed runs behind the mean ± std lines measure spread and were not candidates.", ""]
     for task in ("blood", "breast"):
         parts += [f"## {get_task(task).title} ({get_task(task).flag})", "", comparison_table(task), ""]
         shipped = read_card(get_task(task).model_path)
@@ -306,21 +337,8 @@ def write_report() -> Path:
         served = serving_line(shipped)
         if served:
             parts += [served, ""]
-        members = ensemble_member_variants(task, SHIPPED[task])
-        assembled_from = {member: ensemble for ensemble in VARIANTS[task] if ensemble != SHIPPED[task]
-                          for member in ensemble_member_variants(task, ensemble)}
-        for variant in VARIANTS[task]:
-            summary = seed_summary(task, variant)
-            if summary:
-                role = "Shipped configuration" if variant == SHIPPED[task] else "Configuration"
-                if variant in members:
-                    role = f"Members of the shipped `{SHIPPED[task]}`: configuration"
-                elif variant in assembled_from:
-                    role = f"Members of `{assembled_from[variant]}`: configuration"
-                parts.append(f"{role} `{variant}` over {summary['seeds']} seeds (test, mean ± std): "
-                             + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary.items()
-                                         if isinstance(v, dict)))
-                parts.append("")
+        for line in seed_lines(task):
+            parts += [line, ""]
     out = RESULTS_DIR / "comparison.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(parts) + "\n"
@@ -366,15 +384,13 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None)
     variant = variant or SHIPPED[task]
     variant_config(task, variant)  # an unknown name fails here, with the list of known ones
     source = run_file(task, variant, seed)
-    if not source.exists():
-        raise FileNotFoundError(f"{source} not found: run `python -m medclassify experiment --task {task} "
-                                f"--variant {variant}` first")
+    for needed in (source, card_path(source), ood_path(source)):  # all of them, before anything is replaced
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} not found: run `python -m medclassify experiment --task {task} "
+                                    f"--variant {variant}" + (f" --seed {seed}" if seed else "") + "` first")
     from .models import inference_model, load_model
 
     target = spec.model_path
-    # Re-cloning drops layers left from training (see models._clone_inline); predictions are unchanged.
-    inference_model(load_model(source)).save(str(target))
-    shutil.copyfile(ood_path(source), ood_path(target))
     card = read_card(source)
     card["name"] = target.stem
     card["variant"] = variant
@@ -382,9 +398,23 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None)
     if card.get("ood"):
         card["ood"]["statistics_file"] = ood_path(target).name
     card["training"].pop("history", None)
-    write_card(target, card)
-    for stale in (quantized_path(target), head_path(target)):  # the previous model's int8 copy
+    card.pop("serving", None)
+    # The previous model's int8 copy goes first: should anything below fail, no copy answers for a model
+    # it was not made from.  Each file is written beside its target and then renamed over it.
+    for stale in (quantized_path(target), head_path(target)):
         stale.unlink(missing_ok=True)
+    staged = {target: target.with_name(f".{target.name}.shipping.h5"),
+              ood_path(target): ood_path(target).with_name(f".{ood_path(target).name}.shipping")}
+    try:
+        # Re-cloning drops layers left from training (see models._clone_inline); predictions are unchanged.
+        inference_model(load_model(source)).save(str(staged[target]))
+        shutil.copyfile(ood_path(source), staged[ood_path(target)])
+        for final, temporary in staged.items():
+            os.replace(temporary, final)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
+    write_card(target, card)
     try:
         quantize_and_refit(task, target, data_dir, command=f"python -m medclassify ship --task {task} "
                                                            f"--variant {variant}" + (f" --seed {seed}" if seed else ""))

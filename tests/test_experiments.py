@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -69,6 +71,7 @@ def test_comparison_table_rows_and_anchors(results_dir, monkeypatch):
     assert rows[1].startswith("| **b** (shipped)")
     for name, acc, auc in experiments.ANCHORS["breast"]:
         assert name in table and f"{acc:.3f}" in table
+    assert table.endswith(experiments.ANCHOR_SOURCES) and "arXiv:2404.15786" in table  # each anchor cited
 
 
 def test_seed_summary(results_dir):
@@ -93,7 +96,7 @@ def test_seed_summary(results_dir):
     assert summary["seeds"] == 5 and summary["accuracy"]["mean"] == pytest.approx(0.92)
 
 
-def _fake_run(runs: "Path", name: str, cfg) -> None:
+def _fake_run(runs: "pathlib.Path", name: str, cfg) -> None:
     from medclassify.training import config_dict
 
     runs.mkdir(parents=True, exist_ok=True)
@@ -141,7 +144,9 @@ def test_report_names_the_ensemble_that_seed_runs_were_assembled_into(results_di
     ensemble["training"]["members_reused"] = {"0": "runs/breast/v.h5", "1": "runs/breast/v_seed1.h5"}
     experiments.card_file("breast", "v_ens2").write_text(json.dumps(ensemble))
     report = experiments.write_report().read_text()
-    assert "Members of `v_ens2`: configuration `v` over 2 seeds (test, mean ± std): auc 0.9000 ± 0.0000" in report
+    line = "Members of `v_ens2`: configuration `v` over 2 seeds (test, mean ± std): auc 0.9000 ± 0.0000"
+    assert line in report
+    assert experiments.seed_lines("breast") == [line]  # what the notebooks print too
 
 
 def test_replace_between_markers(tmp_path):
@@ -152,6 +157,27 @@ def test_replace_between_markers(tmp_path):
     experiments.replace_between_markers(readme, "benchmarks", "ignored")  # no such markers: unchanged
     assert "ignored" not in readme.read_text()
     experiments.replace_between_markers(tmp_path / "missing.md", "results", "x")  # no file: no error
+
+
+def test_ship_checks_every_file_before_replacing_any(results_dir, tiny_models, tmp_path, monkeypatch):
+    """A run without its OOD statistics (an interrupted fit) must not half-replace the shipped model."""
+    source = tmp_path / "runs" / "breast" / "tiny.h5"
+    source.parent.mkdir(parents=True)
+    for suffix in (".h5", ".card.json"):  # no .ood.npz
+        shutil.copyfile(tiny_models["breast"].path.with_suffix(suffix), source.with_suffix(suffix))
+    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny", experiments.TrainConfig(task="breast", epochs=1))
+    monkeypatch.setattr(experiments, "run_file", lambda task, variant, seed=0: source)
+    shipped = tmp_path / "shipped" / "model_breast.h5"
+    shipped.parent.mkdir()
+    monkeypatch.setitem(TASKS, "breast", dataclasses.replace(TASKS["breast"], default_model=str(shipped)))
+    before = {}
+    for suffix in (".h5", ".card.json", ".ood.npz", ".int8.tflite", ".head.tflite"):
+        shipped.with_suffix(suffix).write_bytes(b"the shipped " + suffix.encode())
+        before[suffix] = shipped.with_suffix(suffix).read_bytes()
+    with pytest.raises(FileNotFoundError, match="tiny.ood.npz not found"):
+        experiments.ship("breast", "tiny")
+    assert {suffix: shipped.with_suffix(suffix).read_bytes() for suffix in before} == before
+    assert sorted(p.name for p in shipped.parent.iterdir()) == sorted(shipped.with_suffix(s).name for s in before)
 
 
 @pytest.mark.slow
@@ -192,6 +218,7 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     stale.write_bytes(b"the previous model's int8 copy")
     # the tiny model is close to random, so quantisation may move many decisions: accept any number here
     monkeypatch.setattr(quantization, "allowed_changes", lambda n: n)
+    monkeypatch.setattr(quantization, "sensitivity", lambda *args: 1.0)  # nor its sensitivity
     assert main(["ship", "--task", "breast", "--variant", "tiny", "--data-dir", str(fixture_data_dir)]) == 0
     shipped_card = json.loads(shipped.with_suffix(".card.json").read_text())
     assert shipped_card["variant"] == "tiny" and shipped_card["name"] == "model_breast"
@@ -200,6 +227,8 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     serving = shipped_card["serving"]  # ship writes the int8 serving copy of the new model
     assert serving["command"] == "python -m medclassify ship --task breast --variant tiny"
     assert stale.read_bytes() != b"the previous model's int8 copy"
+    assert serving["model_sha256"] == quantization.sha256_file(shipped)  # the copy names the model it serves
+    assert not list(shipped.parent.glob(".*"))  # no staging file left behind
     assert {serving["file"], serving["head_file"]} == {stale.name, shipped.with_suffix(".head.tflite").name}
 
 
