@@ -277,6 +277,23 @@ def test_fit_ood_cli(capsys, tiny_models, fixture_data_dir, tmp_path):
     assert model.with_suffix(".ood.npz").exists()
 
 
+def test_ood_check_cli_writes_the_flag_rates_into_the_card(capsys, tiny_models, fixture_data_dir, tmp_path):
+    from medclassify.oodcheck import photo_crops
+
+    model = copy_model(tiny_models["breast"].path, tmp_path / "model_breast.h5")
+    code, stdout, err = run_main(capsys, "ood-check", "--task", "breast", "--model", model, "--data-dir",
+                                 fixture_data_dir, "--write-card")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["n_test"] == 10 and report["n_cross_task"] == 96 and report["n_photos"] == len(photo_crops())
+    assert report["cross_task_flagged"] == 1.0  # colour blood cells are never taken for ultrasound
+    for key in ("test_flagged", "photos_flagged"):
+        assert 0.0 <= report[key] <= 1.0
+    card = json.loads(model.with_suffix(".card.json").read_text())
+    assert card["ood_check"] == {**report, "command": card["ood_check"]["command"]}
+    assert card["ood_check"]["command"].startswith("python -m medclassify ood-check --task breast")
+
+
 # --------------------------------------------------------------------------- predict
 
 def _check_prediction(line: dict, task: str, threshold=None):

@@ -70,6 +70,32 @@ def test_augmentations_respect_the_modality():
     assert abs(breast["aug_rotate"].factor[1]) < abs(blood["aug_rotate"].factor[1])
 
 
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_flips_policy_never_interpolates(task):
+    """``flips`` (the shipped blood recipe) only mirrors and shifts by whole pixels: every augmented pixel is
+    one of the image's own values, where the default policy's rotations and zooms blend neighbours."""
+    spec = get_task(task)
+    layers = {layer.name: layer for layer in augmentation_layers(spec, "flips")}
+    assert set(layers) == {"aug_flip", "aug_translate"}
+    assert layers["aug_flip"].mode == ("horizontal_and_vertical" if task == "blood" else "horizontal")
+    image = batch(task, n=4, seed=3).astype("float32")
+    blended = 0
+    for seed in range(5):
+        out = image
+        for layer in layers.values():
+            out = layer(out, training=True)
+        out = np.asarray(out)
+        for original, augmented in zip(image, out):
+            assert set(np.unique(augmented)) <= set(np.unique(original))
+        default = image
+        for layer in augmentation_layers(spec, "default"):
+            default = layer(default, training=True)
+        blended += int(not set(np.unique(np.asarray(default))) <= set(np.unique(image)))
+    assert blended  # the check can fail: the default policy does create new values
+    with pytest.raises(ValueError, match="unknown augmentation policy"):
+        augmentation_layers(spec, "cutout")
+
+
 def test_build_model_dispatch():
     assert build_model("cnn", "blood", widths=(4,)).name == "blood_cnn"
     with pytest.raises(ValueError, match="unknown model kind"):
