@@ -195,10 +195,10 @@ ANCHORS = {
 ANCHOR_SOURCES = (
     "Sources: MedMNIST v2 = Yang et al., *MedMNIST v2*, Scientific Data 10:41 (2023); "
     "MedMNIST+ = Doerrich et al., *Rethinking model prototyping through the MedMNIST+ dataset collection*, "
-    "Scientific Reports (2025), arXiv:2404.15786; reference project = the project this app replaces, whose "
-    "notebooks reported these numbers (its breast numbers are left out: it trained on validation images and "
-    "chose its threshold on the test split). The MedMNIST+ and reference-project numbers are as quoted in "
-    "the model issue (#3)."
+    "Scientific Reports (2025), arXiv:2404.15786; reference project = the earlier project this app replaces, "
+    "as it reported itself (its breast numbers are left out: it trained on validation images and chose its "
+    "threshold on the test split). The MedMNIST+ and reference-project numbers are as quoted in the model "
+    "issue (#3)."
 )
 
 
