@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import altair as alt
+import pandas as pd
 import streamlit as st
 
 st.set_page_config(page_title="medclassify: MedMNIST image classifier", page_icon=":material/biotech:", layout="wide")
@@ -74,7 +75,11 @@ def upload_items() -> list[tuple[str, bytes]]:
 
 
 def camera_items() -> list[tuple[str, bytes]]:
-    photo = st.camera_input("Take a photo of the image", key="camera")
+    photo = st.camera_input(
+        "Take a photo of the image", key="camera",
+        help="The photo is processed in memory only and never stored. A photo of a screen or a print is "
+             "rarely like the training images (glare, colour cast, moiré), so expect the 'unlike the training "
+             "data' warning; uploading the image file itself works better.")
     if photo is None:
         return []
     return [(photo.name or "camera.jpg", photo.getvalue())]
@@ -98,7 +103,8 @@ def sample_items(task: str) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     with gallery:
         st.caption("Images from the official MedMNIST **test** split (never used for training), the first "
                    "of each class in the split's order; the true class is under each image. Click **Try** to "
-                   "classify one.")
+                   "classify one. They were not picked to flatter the model: it gets some wrong, and a few "
+                   "get the 'unlike the training data' warning, as its test numbers predict.")
         per_row = 8
         for start in range(0, len(samples), per_row):
             columns = st.columns(per_row, vertical_alignment="bottom")
@@ -157,7 +163,10 @@ def threshold_chart(prediction, spec):
                                     else "#4c78a8", size=22).encode(x=x, y=alt.Y("what:N", title=None))
     rule = alt.Chart(frame).mark_tick(color="black", thickness=3, size=34).encode(
         x="threshold:Q", y=alt.Y("what:N", title=None), tooltip=[alt.Tooltip("threshold:Q", format=".3f")])
-    return (bar + rule).properties(height=60)
+    label = alt.Chart(frame).mark_text(align="left", dx=5, dy=-13, fontSize=11).encode(
+        x="threshold:Q", y=alt.Y("what:N", title=None),
+        text=alt.value(f"threshold {aps.percent(float(prediction.threshold))}"))
+    return (bar + rule + label).properties(height=60, padding={"top": 16, "left": 5, "right": 5, "bottom": 5})
 
 
 def show_model_view(prediction, data: bytes | None) -> None:
@@ -201,9 +210,13 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         with left:
             show_model_view(prediction, data)
         with right:
+            rate = (load_predictor(task).card.get("ood_check") or {}).get("test_flagged")
+            if rate is not None:
+                st.caption(f"The rule is strict on purpose: it also flags {rate:.1%} of the genuine MedMNIST test "
+                           "images, rather than answer for an image it cannot vouch for.")
             with st.expander("Model output (unreliable — for transparency only)", expanded=False):
-                st.caption("These numbers come from an image unlike anything the model was trained on; "
-                           "they do not mean what they would for a suitable image.")
+                st.caption("The rule puts this image outside what the model was trained on, so these numbers "
+                           "do not mean what they would for a suitable image.")
                 st.altair_chart(probability_chart(prediction, spec), width="stretch")
         return
 
@@ -216,9 +229,13 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         else:
             st.info(sentence, icon=":material/info:")
         st.altair_chart(threshold_chart(prediction, spec), width="stretch")
-        st.caption(aps.BREAST_NOTE)
+        record = aps.breast_test_record(load_predictor(task).card, load_predictor(task).precision)
+        st.caption(aps.BREAST_NOTE + (f" {record}" if record else ""))
     else:
-        st.caption(f"Calibrated probability of '{prediction.label}': {aps.confidence(prediction):.1%}. "
+        close = aps.close_call(prediction)
+        if close:
+            st.warning(close + " Treat this answer as uncertain.", icon=":material/balance:")
+        st.caption(f"Calibrated probability of '{prediction.label}': {aps.percent(aps.confidence(prediction))}. "
                    "A model's suggestion for research and education, not a diagnosis.")
     col_input, col_cam, col_probs = st.columns([1, 1, 1.4])
     with col_input:
@@ -227,6 +244,8 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         show_gradcam(prediction, task, key)
     with col_probs:
         st.markdown("**Calibrated probabilities**")
+        if spec.decision == "threshold":
+            st.caption(aps.BREAST_CHART_NOTE)
         st.altair_chart(probability_chart(prediction, spec), width="stretch")
 
 
@@ -340,10 +359,14 @@ def about_tab(task: str, predictor) -> None:
         table = aps.metrics_frame(metrics, aps.served_metrics(card, split, predictor.precision))
         if not table["95% CI"].astype(bool).any():
             table = table.drop(columns="95% CI")
-        st.dataframe(table, hide_index=True, width="stretch", height=_table_height(len(table)))
+        if aps.SERVED_COLUMN in table:  # text, so a metric the copy was not measured on reads "—", not "None"
+            table[aps.SERVED_COLUMN] = ["—" if pd.isna(v) else f"{v:.4f}" for v in table[aps.SERVED_COLUMN]]
+        st.dataframe(table, hide_index=True, width="stretch", height=_table_height(len(table)),
+                     column_config={"value": st.column_config.NumberColumn("value", format="%.4f")})
         confusion = aps.confusion_frame(metrics, spec.class_names)
         if confusion is not None:
-            st.markdown(f"**Confusion matrix ({split})** — rows: true class, columns: predicted class")
+            st.markdown(f"**Confusion matrix ({split}, float model)** — rows: true class, "
+                        "columns: predicted class")
             st.dataframe(confusion, width="stretch", height=_table_height(len(confusion)))
         per_class = aps.per_class_frame(metrics)
         if per_class is not None:
@@ -360,7 +383,8 @@ def about_tab(task: str, predictor) -> None:
                 + (f"; threshold: {ood['threshold_rule']}." if ood.get("threshold_rule") else "."))
 
     st.markdown("#### Limitations")
-    st.markdown("\n".join(f"- {item}" for item in card.get("limitations") or LIMITATIONS.get(spec.name, [])))
+    limitations = list(card.get("limitations") or LIMITATIONS.get(spec.name, [])) + [aps.SIZE_NOTE]
+    st.markdown("\n".join(f"- {item}" for item in limitations))
 
     st.markdown("#### Data and licences")
     data = card.get("data") or {}
@@ -377,12 +401,13 @@ def about_tab(task: str, predictor) -> None:
         st.code(command, language="bash")
     training = card.get("training") or {}
     facts = []
-    if training.get("best_epoch") is not None:
-        facts.append(f"best epoch {training['best_epoch']}")
+    best = training.get("best_epoch")
+    if best is not None:
+        facts.append(f"best epoch of each ensemble member {best}" if isinstance(best, list) else f"best epoch {best}")
     if training.get("seed") is not None:
         facts.append(f"seed {training['seed']}")
     if training.get("wall_time_s") is not None:
-        facts.append(f"{training['wall_time_s']} s")
+        facts.append(f"training time {aps.duration(training['wall_time_s'])}")
     env = training.get("environment") or {}
     if env:
         facts.append(", ".join(f"{k} {v}" for k, v in env.items()))

@@ -41,6 +41,13 @@ BREAST_NOTE = (
     "few malignant images, so many benign images are flagged too. This is not a diagnosis: only a qualified "
     "clinician with the full examination can assess a lesion."
 )
+#: Why the breast chart of both probabilities must not be read by its larger bar.
+BREAST_CHART_NOTE = "The decision compares P(malignant) with the threshold above, not with 50%."
+#: What the 28-px input means for an answer (shown with the card's own limitations).
+SIZE_NOTE = ("Answers come from a 28×28 px reduction of the image. Near the decision boundary, the same picture "
+             "at another size or compression can get another answer; 'What the model saw' shows the input.")
+#: Two classes closer than this (calibrated probability) are a close call, not a firm answer.
+CLOSE_CALL = 0.10
 
 
 # ---------------------------------------------------------------------------
@@ -135,9 +142,45 @@ def breast_verdict(prediction) -> tuple[bool, str]:
     positive = prediction.class_index == spec.positive_class
     p, threshold = float(prediction.p_positive), float(prediction.threshold)
     if positive:
-        return True, f"{BREAST_POSITIVE} (P(malignant) = {p:.1%}, at or above its threshold of {threshold:.1%})."
-    return False, (f"{BREAST_NEGATIVE} (P(malignant) = {p:.1%}, below its threshold of {threshold:.1%}). "
+        return True, (f"{BREAST_POSITIVE} (P(malignant) = {percent(p)}, at or above its threshold of "
+                      f"{percent(threshold)}).")
+    return False, (f"{BREAST_NEGATIVE} (P(malignant) = {percent(p)}, below its threshold of {percent(threshold)}). "
                    f"{BREAST_NOT_RULED_OUT}")
+
+
+def breast_test_record(card: dict, precision: str) -> str:
+    """How the answering model did on the test split, in counts a clinician can weigh, or ''."""
+    test = (card or {}).get("test") or {}
+    matrix = test.get("confusion_matrix")
+    served = served_metrics(card, "test", precision) or test
+    if not matrix or served.get("sensitivity") is None or served.get("specificity") is None:
+        return ""
+    spec = get_task(card.get("task") or "breast")
+    counts = np.asarray(matrix).sum(axis=1)
+    malignant, benign = int(counts[spec.positive_class]), int(counts[1 - spec.positive_class])
+    caught = round(float(served["sensitivity"]) * malignant)
+    false_flags = benign - round(float(served["specificity"]) * benign)
+    return (f"On the official test split this model flagged {caught} of {malignant} malignant images and "
+            f"{false_flags} of {benign} benign ones: it misses some malignant images.")
+
+
+def percent(p: float) -> str:
+    """A probability for the page: never a '100.0%' or '0.0%' that the model cannot mean."""
+    p = float(p)
+    if p > 0.999:
+        return ">99.9%"
+    if p < 0.001:
+        return "<0.1%"
+    return f"{p:.1%}"
+
+
+def close_call(prediction) -> Optional[str]:
+    """'close call between A (p) and B (q)' when the two likeliest classes are within ``CLOSE_CALL``."""
+    ranked = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
+    if len(ranked) < 3 or ranked[0][1] - ranked[1][1] >= CLOSE_CALL:  # two classes: the threshold rule speaks
+        return None
+    (first, p), (second, q) = ranked[:2]
+    return f"Close call between {first} ({percent(p)}) and {second} ({percent(q)})."
 
 
 def prediction_markdown(prediction) -> str:
@@ -225,14 +268,21 @@ def upscale(image: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(Image.fromarray(array.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST))
 
 
-def preview(data: bytes, max_side: int = 256, background: int = 255) -> Optional[np.ndarray]:
+def preview(data: bytes, max_side: int = 256, background: int = 255, min_side: int = 196) -> Optional[np.ndarray]:
     """A small RGB view of the uploaded image as decoded (works for tif and DICOM too), transparency
-    shown as ``background`` like the model sees it; None if impossible."""
+    shown as ``background`` like the model sees it; a thumbnail smaller than ``min_side`` is enlarged with
+    nearest neighbour, so a 28-px upload is not a speck.  None if impossible."""
+    from PIL import Image
+
     from .preprocessing import open_image, to_mode
 
     try:
         image = to_mode(open_image(bytes(data)), 3, background)
         image.thumbnail((max_side, max_side))
+        longest = max(image.size)
+        factor = min(max_side // longest, -(-min_side // longest))  # whole pixels, never past max_side
+        if factor > 1:
+            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
         return np.asarray(image)
     except Exception:
         return None
@@ -410,6 +460,15 @@ def serving_text(card: dict, precision: str) -> str:
         text += (f" It makes the same decision as the model above on {test['n'] - test['decisions_changed']} of "
                  f"{test['n']} test images" + (f" ({shown})." if shown else "."))
     return text + " Grad-CAM explains the float model."
+
+
+def duration(seconds: float) -> str:
+    """'2 h 49 min', '16 min', '45 s'."""
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 def csv_name(task: str) -> str:

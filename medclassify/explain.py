@@ -98,7 +98,9 @@ class GradCAM:
             return total
 
         signature = [tf.TensorSpec([1, *self.input_shape], tf.float32), tf.TensorSpec([], tf.int32)]
-        self._compute = tf.function(compute, input_signature=signature)
+        # autograph=False: nothing to convert (Python loops over lists unroll when traced), and autograph would
+        # write its generated source to /tmp
+        self._compute = tf.function(compute, input_signature=signature, autograph=False)
         self._cache: OrderedDict[tuple[bytes, int], np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
 

@@ -142,7 +142,7 @@ def compile_serving_function(model, input_shape: tuple[int, ...], dtype: str = "
     tf_dtype = tf.as_dtype(dtype)
 
     @tf.function(input_signature=[tf.TensorSpec([batch, *input_shape], tf_dtype, name="image")],
-                 jit_compile=jit_compile, reduce_retracing=True)
+                 jit_compile=jit_compile, reduce_retracing=True, autograph=False)
     def serve(image):
         x = tf.cast(image, tf.float32)
         return model(x if n_inputs == 1 else [x] * n_inputs, training=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -135,7 +136,8 @@ def test_upload_one_image(task):
         verdicts = texts(at.warning) + texts(at.info)
         assert (aps.BREAST_POSITIVE in verdicts) != (aps.BREAST_NEGATIVE in verdicts)
         assert "threshold" in verdicts and "P(malignant)" in verdicts
-        assert aps.BREAST_NOTE in captions
+        assert aps.BREAST_NOTE in captions and aps.BREAST_CHART_NOTE in captions
+        assert "On the official test split this model flagged" in captions  # from the card, not typed
     else:
         assert "Calibrated probability" in captions
     no_traceback(at)
@@ -303,7 +305,8 @@ def test_about_the_model(task):
     predictor = get_predictor(task)
     assert f"**How answers are computed.** {aps.serving_text(predictor.card, predictor.precision)}" in markdown
     if predictor.precision == "int8":  # the performance table shows the copy that answers beside the model
-        assert aps.SERVED_COLUMN in at.dataframe[0].value.columns
+        served = at.dataframe[0].value[aps.SERVED_COLUMN]
+        assert "—" in set(served) and "None" not in set(served)  # metrics the copy was not measured on
     command = aps.training_command(predictor.card)
     if command:
         assert any(command in c.value for c in at.code)
@@ -325,7 +328,10 @@ def test_about_with_test_metrics_and_confidence_intervals(monkeypatch):
     metrics = at.dataframe[0].value
     assert "95% CI" in metrics.columns
     assert "0.800 – 0.900" in set(metrics["95% CI"])
-    assert any("Confusion matrix (test)" in m.value for m in at.markdown)
+    assert any("Confusion matrix (test, float model)" in m.value for m in at.markdown)
+    if aps.SERVED_COLUMN in metrics:
+        assert all(re.fullmatch(r"\d\.\d{4}|—", value) for value in metrics[aps.SERVED_COLUMN])  # 4 decimals
+    assert any(aps.SIZE_NOTE in m.value for m in at.markdown)
     no_traceback(at)
 
 

@@ -228,6 +228,39 @@ def test_breast_wording_is_careful():
         assert "refer" not in lowered and "specialist" not in lowered and "no malignant" not in lowered
 
 
+def test_percent_never_shows_certainty_the_model_cannot_mean():
+    assert aps.percent(0.9996) == ">99.9%" and aps.percent(0.0004) == "<0.1%"
+    assert aps.percent(0.302) == "30.2%" and aps.percent(0.999) == "99.9%"
+    _, sentence = aps.breast_verdict(fake_prediction("breast", 0, p=0.99999))
+    assert "P(malignant) = >99.9%" in sentence
+
+
+def test_close_call_names_the_two_classes():
+    spec = get_task("blood")
+    prediction = fake_prediction("blood", 5, p=0.509)
+    probs = dict.fromkeys(spec.class_names, 0.0)
+    probs.update(monocyte=0.509, neutrophil=0.485, lymphocyte=0.006)
+    prediction.probabilities = probs
+    assert aps.close_call(prediction) == "Close call between monocyte (50.9%) and neutrophil (48.5%)."
+    assert aps.close_call(fake_prediction("blood", 5, p=0.9)) is None
+    assert aps.close_call(fake_prediction("breast", 0, p=0.52)) is None  # two classes: the threshold decides
+
+
+def test_breast_test_record_counts_what_the_answering_model_caught():
+    assert aps.breast_test_record(CARD, "float") == (
+        "On the official test split this model flagged 34 of 42 malignant images and 11 of 114 benign ones: "
+        "it misses some malignant images.")
+    served = {**CARD, "serving": {"test": {"int8_metrics": {"sensitivity": 36 / 42, "specificity": 101 / 114}}}}
+    assert "flagged 36 of 42 malignant images and 13 of 114 benign" in aps.breast_test_record(served, "int8")
+    assert "flagged 34 of 42" in aps.breast_test_record(served, "float")  # the float model answers
+    assert aps.breast_test_record({"test": {"accuracy": 0.9}}, "int8") == ""
+
+
+def test_duration():
+    assert aps.duration(10165.0) == "2 h 49 min"
+    assert aps.duration(951) == "16 min" and aps.duration(45) == "45 s"
+
+
 def test_prediction_markdown_has_stable_prefix():
     assert aps.prediction_markdown(fake_prediction("blood", 2)) == "**Prediction:** erythroblast"
 
@@ -254,6 +287,8 @@ def test_upscale_is_nearest_neighbour():
 
 def test_preview():
     assert aps.preview(png(np.zeros((600, 300, 3), np.uint8)), max_side=256).shape == (256, 128, 3)
+    assert aps.preview(png(np.zeros((28, 28, 3), np.uint8))).shape == (196, 196, 3)  # a thumbnail is not a speck
+    assert aps.preview(png(np.zeros((150, 60, 3), np.uint8))).shape == (150, 60, 3)  # never past max_side
     assert aps.preview(b"not an image") is None
     transparent = png(np.zeros((40, 40, 4), np.uint8))  # fully transparent
     assert (aps.preview(transparent) == 255).all() and (aps.preview(transparent, background=0) == 0).all()
