@@ -291,7 +291,9 @@ def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = N
         "warnings": st.column_config.TextColumn("warnings", width="large"),
         "error": st.column_config.TextColumn("error", width="large"),
     })
-    st.download_button("Download results (CSV)", aps.results_csv(table), file_name=aps.csv_name(task),
+    predictor = load_predictor(task)
+    csv = aps.results_csv(table, predictor.card, aps.decision_text(predictor.card, spec, predictor.threshold))
+    st.download_button("Download results (CSV)", csv, file_name=aps.csv_name(task),
                        mime="text/csv", on_click="ignore", key="download_csv")
     readable = [i for i, r in enumerate(results) if r.ok]
     if not readable:

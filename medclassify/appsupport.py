@@ -161,7 +161,8 @@ def breast_test_record(card: dict, precision: str) -> str:
     caught = round(float(served["sensitivity"]) * malignant)
     false_flags = benign - round(float(served["specificity"]) * benign)
     return (f"On the official test split this model flagged {caught} of {malignant} malignant images and "
-            f"{false_flags} of {benign} benign ones: it misses some malignant images.")
+            f"{false_flags} of {benign} benign ones" + (": it misses some malignant images." if caught < malignant
+                                                       else "."))
 
 
 def percent(p: float) -> str:
@@ -241,7 +242,12 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: O
     return frame
 
 
-def results_csv(frame) -> bytes:
+def results_csv(frame, card: Optional[dict] = None, decision_rule: str = "") -> bytes:
+    """The table as CSV; with ``card``, every row also names the model and its decision rule, so a file
+    passed on later still says where its labels came from and that they are not diagnoses."""
+    if card is not None:
+        model = f"{card.get('name', '')} ({card.get('variant', '')}, card {card.get('created', '')})"
+        frame = frame.assign(model=model, decision_rule=decision_rule, note=DISCLAIMER)
     return frame.to_csv(index=False).encode("utf-8")
 
 

@@ -212,6 +212,13 @@ def test_results_csv_round_trip():
     assert rows[1]["ood"] == "True" and rows[1]["label"] == aps.NO_ANSWER
     assert rows[2]["error"].startswith("image file is damaged")
     assert aps.csv_name("breast").endswith(".csv")
+    card = {"name": "model_breast", "variant": "cnn_ens5", "created": "2026-11-27", **CARD}
+    rule = aps.decision_text(card, get_task("breast"), 0.2)
+    rows = list(csv.DictReader(io.StringIO(aps.results_csv(aps.results_table(results, "breast"), card, rule)
+                                           .decode("utf-8"))))
+    assert {r["model"] for r in rows} == {"model_breast (cnn_ens5, card 2026-11-27)"}
+    assert {r["decision_rule"] for r in rows} == {rule} and "P(malignant) ≥ 0.200" in rule
+    assert {r["note"] for r in rows} == {aps.DISCLAIMER}
 
 
 def test_breast_wording_is_careful():
@@ -254,6 +261,9 @@ def test_breast_test_record_counts_what_the_answering_model_caught():
     assert "flagged 36 of 42 malignant images and 13 of 114 benign" in aps.breast_test_record(served, "int8")
     assert "flagged 34 of 42" in aps.breast_test_record(served, "float")  # the float model answers
     assert aps.breast_test_record({"test": {"accuracy": 0.9}}, "int8") == ""
+    perfect = {**CARD, "test": {**CARD["test"], "sensitivity": 1.0}}
+    assert aps.breast_test_record(perfect, "float").endswith("flagged 42 of 42 malignant images and 11 of 114 "
+                                                             "benign ones.")
 
 
 def test_duration():

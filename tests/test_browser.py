@@ -198,6 +198,9 @@ def test_batch_table_and_csv_download(page, tmp_path):
     assert [r["file"] for r in rows] == [Path(f).name for f in files]
     assert rows[-1]["error"] and not any(r["error"] for r in rows[:-1])
     assert all(r["label"] in get_task("breast").class_names + (aps.NO_ANSWER,) for r in rows[:-1])
+    # the file says where its labels came from and what they are not
+    assert {r["model"].split(" (")[0] for r in rows} == {"model_breast"}
+    assert all("P(malignant) ≥" in r["decision_rule"] and r["note"] == aps.DISCLAIMER for r in rows)
     screenshot(page, "app_batch")
 
 
