@@ -229,7 +229,8 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         else:
             st.info(sentence, icon=":material/info:")
         st.altair_chart(threshold_chart(prediction, spec), width="stretch")
-        record = aps.breast_test_record(load_predictor(task).card, load_predictor(task).precision)
+        predictor = load_predictor(task)
+        record = aps.breast_test_record(predictor.card, predictor.precision)
         st.caption(aps.BREAST_NOTE + (f" {record}" if record else ""))
     else:
         close = aps.close_call(prediction)

@@ -236,8 +236,6 @@ def _train(args) -> int:
 
 def _unwritable_model_path(out: str) -> str:
     """Why ``out`` cannot take a saved model, or ''."""
-    from pathlib import Path
-
     path = Path(out)
     if path.suffix not in (".h5", ".keras"):
         return "the model file must end in .h5 (or .keras)"
