@@ -109,7 +109,7 @@ def is_trial(**overrides) -> bool:
     return any(overrides.get(k) is not None for k in ("epochs", "limit"))
 
 
-_NOT_PART_OF_THE_RECIPE = ("data_dir", "verbose")
+_NOT_PART_OF_THE_RECIPE = ("data_dir", "verbose", "run_eagerly")  # how a run executes, not what it learns
 
 
 def _recipe(config: dict) -> dict:

@@ -50,6 +50,9 @@ class TrainConfig:
     target_sensitivity: float = 0.95  # breast: validation sensitivity the threshold must keep
     ensemble: int = 1  # >1: train this many seeds and ship the logit average as one model
     verbose: int = 2
+    # True: Keras runs each step eagerly instead of tracing a graph first. Same maths; worth it only for smoke
+    # runs, where tracing a train step (~10 s on 2 cores) costs more than one epoch on a hundred images.
+    run_eagerly: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -224,6 +227,7 @@ def _fit(model, train: Split, val: Split, spec: TaskSpec, cfg: TrainConfig, epoc
         optimizer=_optimizer(learning_rate, cfg.weight_decay, steps, cfg.ema),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
+        run_eagerly=cfg.run_eagerly,
     )
     dataset = training_dataset(train.images, keras.utils.to_categorical(train.labels, spec.num_classes), cfg)
     selector = _ValidationSelector(spec, val, cfg.verbose)

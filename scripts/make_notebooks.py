@@ -556,9 +556,9 @@ VARIANT_HELPERS = '''
         display(Markdown(f"Reproduce: `{command}`\\n\\n" + config_table(cfg)))
         if SMOKE:
             limit = min(SMOKE_LIMIT, SMOKE_VGG_LIMIT) if cfg.model == "vgg16" else SMOKE_LIMIT
-            # one epoch, no VGG16 fine-tuning phase, one ensemble member: proves the code path, nothing more
+            # one epoch, no VGG16 fine-tuning phase, one ensemble member, no graph tracing: proves the code path, nothing more
             smoke_cfg = experiments.variant_config(TASK, variant, limit=limit, epochs=1, verbose=0,
-                                                   finetune_epochs=0, ensemble=1)
+                                                   finetune_epochs=0, ensemble=1, run_eagerly=True)
             start = time.time()
             result = training.train(smoke_cfg)
             path = training.save_trained(result, Path(SMOKE_DIR.name) / f"{variant}.h5", command=command + " (smoke)")

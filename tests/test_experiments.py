@@ -106,7 +106,8 @@ def _fake_run(runs: "pathlib.Path", name: str, cfg) -> None:
 
 def test_matching_runs_finds_the_seed_runs_of_an_ensemble(results_dir):
     base = experiments.TrainConfig(task="blood", epochs=3, widths=(8, 16), verbose=0)
-    ensemble = dataclasses.replace(base, ensemble=3, verbose=2, data_dir="/elsewhere")
+    # how a run executes (log level, data folder, eager steps) does not make it another recipe
+    ensemble = dataclasses.replace(base, ensemble=3, verbose=2, data_dir="/elsewhere", run_eagerly=True)
     runs = experiments.RUNS_DIR / "blood"
     _fake_run(runs, "v", base)  # seed 0 = member 0
     _fake_run(runs, "v_seed2", dataclasses.replace(base, seed=2))  # member 2

@@ -366,6 +366,28 @@ def test_ema_keeps_the_averaged_weights(fixture_data_dir):
     assert plain > 0 and averaged < 0.5 * plain
 
 
+def test_eager_steps_learn_what_traced_steps_learn(fixture_data_dir, monkeypatch):
+    """``run_eagerly`` (the notebooks' smoke mode) skips graph tracing; the weights it learns must not change."""
+    import keras
+
+    fitted_eagerly, real_fit = [], keras.Model.fit
+
+    def spy(model, *args, **kwargs):
+        fitted_eagerly.append(model.run_eagerly)
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    cfg = TrainConfig(task="breast", epochs=1, limit=40, widths=(4, 8), batch_size=8, mixup=0.2,
+                      data_dir=str(fixture_data_dir), verbose=0)
+    def largest_difference(a, b) -> float:
+        return max(float(np.abs(x - y).max()) for x, y in zip(a.model.get_weights(), b.model.get_weights()))
+
+    traced, eager = train(cfg), train(dataclasses.replace(cfg, run_eagerly=True))
+    assert fitted_eagerly == [False, True]
+    assert largest_difference(traced, eager) < 1e-4  # float summation order only
+    assert largest_difference(traced, train(dataclasses.replace(cfg, seed=1))) > 1e-2  # the check can fail
+
+
 def test_ema_training_run_records_the_setting(fixture_data_dir):
     result = train(TrainConfig(task="breast", epochs=1, limit=30, widths=(4, 8), ema=0.9,
                                data_dir=str(fixture_data_dir), verbose=0))
