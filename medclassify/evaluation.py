@@ -81,6 +81,17 @@ def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int =
     return rows
 
 
+def sensitivity_specificity(spec: TaskSpec, labels: np.ndarray, predictions: np.ndarray) -> tuple[float, float]:
+    """Recall of the positive class (malignant, for breast) and of the others; 0 for a class the labels lack.
+
+    Plain counts rather than sklearn's ``recall_score``: the bootstrap calls this a thousand times per split.
+    """
+    positive = np.asarray(labels) == spec.positive_class
+    called = np.asarray(predictions) == spec.positive_class
+    return (float((called & positive).sum() / max(positive.sum(), 1)),
+            float((~called & ~positive).sum() / max((~positive).sum(), 1)))
+
+
 def _scalars(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray) -> dict:
     classes = np.arange(spec.num_classes)
     out = {
@@ -95,10 +106,7 @@ def _scalars(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, pred
         out[f"recall_{average}"] = float(r)
         out[f"f1_{average}"] = float(f)
     if spec.decision == "threshold":
-        positive = labels == spec.positive_class
-        called = predictions == spec.positive_class
-        out["sensitivity"] = float((called & positive).sum() / max(positive.sum(), 1))
-        out["specificity"] = float((~called & ~positive).sum() / max((~positive).sum(), 1))
+        out["sensitivity"], out["specificity"] = sensitivity_specificity(spec, labels, predictions)
         # MedMNIST's operating point: label 1 when its score exceeds 0.5
         out["accuracy_at_0_5"] = float(accuracy_score(labels, (probabilities[:, 1] > 0.5).astype(int)))
     return out

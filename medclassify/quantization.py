@@ -17,7 +17,8 @@ own and is treated like one:
   the float model's on validation and refuses the copy when more decisions
   change than ``allowed_changes`` permits (1%, but at least one: an image
   right at the breast threshold may cross it, and 1% of BreastMNIST's 78
-  validation images is less than one image).
+  validation images is less than one image), or when it loses the breast
+  threshold's target sensitivity (``refusal`` holds both rules).
 * The comparison on validation and on test (the test split is evaluated once,
   for the shipped model) goes into the card's ``serving`` section, next to
   the two files' SHA-256.
@@ -240,14 +241,25 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
-def sensitivity(spec: TaskSpec, labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
-    """Share of the positive class's images that the thresholded decision calls positive."""
-    from .evaluation import decide
+def refusal(spec: TaskSpec, labels: np.ndarray, float_probs: np.ndarray, int8_probs: np.ndarray,
+            threshold: Optional[float], target_sensitivity: Optional[float]) -> Optional[str]:
+    """Why the int8 copy must not serve, judged on validation, or None when it may.
 
-    positives = np.asarray(labels) == spec.positive_class
-    if not positives.any():
-        return float("nan")
-    return float(np.mean(decide(spec, probs, threshold)[positives] == spec.positive_class))
+    It may change at most ``allowed_changes`` decisions. With a threshold chosen for a target sensitivity,
+    it must also keep that target wherever the float model keeps it.
+    """
+    from .evaluation import decide, sensitivity_specificity
+
+    n = len(labels)
+    changed = int((decide(spec, float_probs, threshold) != decide(spec, int8_probs, threshold)).sum())
+    if changed > allowed_changes(n):
+        return f"int8 changes {changed} of {n} validation decisions (at most {allowed_changes(n)} allowed)"
+    if threshold is not None and target_sensitivity is not None:
+        served, _ = sensitivity_specificity(spec, labels, decide(spec, int8_probs, threshold))
+        if served < target_sensitivity <= sensitivity_specificity(spec, labels, decide(spec, float_probs, threshold))[0]:
+            return f"int8 brings the validation sensitivity to {served:.3f}, under the threshold's target of " \
+                   f"{target_sensitivity}"
+    return None
 
 
 def compare(spec: TaskSpec, labels: np.ndarray, float_probs: np.ndarray, int8_probs: np.ndarray,
@@ -275,9 +287,8 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
              calibration_images: int = CALIBRATION_IMAGES, seed: int = 0, command: str = "") -> dict:
     """Write the int8 backbone and float head beside the model and the card's ``serving`` section.
 
-    Returns the section.  Raises ``ValueError`` (and writes nothing) when the served outputs
-    change more validation decisions than ``allowed_changes``, or, for a thresholded task, bring the
-    validation sensitivity under the target the threshold was chosen for.
+    Returns the section.  Raises ``ValueError`` (and writes nothing) when ``refusal`` finds a reason
+    on the validation split.
     """
     from .cards import read_card, set_section
     from .data import load_split
@@ -314,14 +325,10 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
         float_probs = predict_probabilities(model, data.images)
         int8_probs = np.concatenate([lite(data.images[i:i + 256])[0] for i in range(0, len(data.images), 256)])
         section[split] = compare(spec, data.labels, float_probs, int8_probs, threshold)
-        if split == "val" and section[split]["decisions_changed"] > allowed_changes(len(data.labels)):
-            raise ValueError(f"int8 changes {section[split]['decisions_changed']} of {len(data.labels)} validation "
-                             f"decisions (at most {allowed_changes(len(data.labels))} allowed); keeping the float model")
-        if split == "val" and threshold is not None and target_sensitivity is not None:
-            served = sensitivity(spec, data.labels, int8_probs, threshold)
-            if served < target_sensitivity <= sensitivity(spec, data.labels, float_probs, threshold):
-                raise ValueError(f"int8 brings the validation sensitivity to {served:.3f}, under the threshold's "
-                                 f"target of {target_sensitivity}; keeping the float model")
+        reason = refusal(spec, data.labels, float_probs, int8_probs, threshold, target_sensitivity) \
+            if split == "val" else None
+        if reason:
+            raise ValueError(f"{reason}; keeping the float model")
     files = {}
     for key, path, runner in (("file", quantized_path(model_path), lite.backbone),
                               ("head_file", head_path(model_path), lite.head)):

@@ -21,6 +21,7 @@ from medclassify.evaluation import (
     evaluate,
     expected_calibration_error,
     reliability_curve,
+    sensitivity_specificity,
     uncalibrate,
 )
 from medclassify.registry import get_task
@@ -101,6 +102,14 @@ def test_breast_threshold_sensitivity_specificity(threshold, sens, spec, acc):
     assert m["confusion_matrix"] == confusion_matrix(BREAST_LABELS, predictions, labels=[0, 1]).tolist()
     assert m["per_class"]["malignant"]["recall"] == pytest.approx(sens)
     assert m["per_class"]["normal/benign"]["recall"] == pytest.approx(spec)
+
+
+def test_sensitivity_specificity_read_the_positive_class_from_the_registry():
+    spec = get_task("breast")  # label 0 = malignant is the positive class
+    labels, predictions = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0])
+    assert sensitivity_specificity(spec, labels, predictions) == pytest.approx((1 / 2, 2 / 3))
+    assert sensitivity_specificity(spec, 1 - labels, 1 - predictions) == pytest.approx((2 / 3, 1 / 2))
+    assert sensitivity_specificity(spec, np.array([1, 1]), np.array([0, 1])) == (0.0, 0.5)  # no malignant image
 
 
 def test_breast_accuracy_at_0_5_and_auc():

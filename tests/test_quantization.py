@@ -153,13 +153,24 @@ def test_quantize_refuses_a_copy_that_breaks_the_breast_sensitivity_target(tiny_
     assert not quantization.quantized_path(path).exists()
 
 
-def test_sensitivity_counts_the_positive_class_only():
-    spec = get_task("breast")  # label 0 = malignant is the positive class
-    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
-    labels = np.array([0, 0, 1, 1])
-    assert quantization.sensitivity(spec, labels, probs, 0.5) == 0.5
-    assert quantization.sensitivity(spec, labels, probs, 0.15) == 1.0
-    assert np.isnan(quantization.sensitivity(spec, np.array([1, 1]), probs[:2], 0.5))
+def test_refusal_gives_the_first_rule_the_copy_breaks():
+    spec = get_task("breast")  # label 0 = malignant is the positive class; the decision is P(malignant) >= t
+    labels = np.array([0] * 10 + [1] * 90)
+    float_probs = np.tile([0.6, 0.4], (100, 1))  # every image called malignant at t = 0.5: sensitivity 1
+    int8_probs = float_probs.copy()
+    assert quantization.refusal(spec, labels, float_probs, int8_probs, 0.5, 0.9) is None
+    int8_probs[10] = [0.4, 0.6]  # one benign image changes its decision: 1 of 100 is allowed
+    assert quantization.refusal(spec, labels, float_probs, int8_probs, 0.5, 0.9) is None
+    int8_probs[0] = [0.4, 0.6]  # one malignant image too: 2 changes, over the allowance
+    assert quantization.refusal(spec, labels, float_probs, int8_probs, 0.5, 0.9) == \
+        "int8 changes 2 of 100 validation decisions (at most 1 allowed)"
+    int8_probs[10] = [0.6, 0.4]  # one change, but sensitivity 0.9 -> keep a target of 0.95
+    assert quantization.refusal(spec, labels, float_probs, int8_probs, 0.5, 0.9) is None
+    assert quantization.refusal(spec, labels, float_probs, int8_probs, 0.5, 0.95) == \
+        "int8 brings the validation sensitivity to 0.900, under the threshold's target of 0.95"
+    assert quantization.refusal(spec, labels, float_probs, int8_probs, 0.5, None) is None  # no target: no rule
+    # a target the float model misses too is not the copy's fault
+    assert quantization.refusal(spec, labels, int8_probs, int8_probs, 0.5, 0.95) is None
 
 
 def test_a_thread_count_typo_does_not_switch_the_served_model(monkeypatch, capsys):
@@ -183,8 +194,7 @@ def test_quantize_refuses_a_copy_that_changes_too_many_decisions(tiny_models, fi
 
 
 def test_quantize_command_refits_the_ood_statistics(tiny_models, fixture_data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(quantization, "allowed_changes", lambda n: n)
-    monkeypatch.setattr(quantization, "sensitivity", lambda *args: 1.0)  # nor its sensitivity
+    monkeypatch.setattr(quantization, "refusal", lambda *args: None)  # the tiny model's copy may change anything
     path = _copy_model(tiny_models["breast"].path, tmp_path / "model")
     stats_before = np.load(ood_path(path))["means"]
     code = main(["quantize", "--task", "breast", "--model", str(path), "--data-dir", str(fixture_data_dir)])
@@ -196,6 +206,6 @@ def test_quantize_command_refits_the_ood_statistics(tiny_models, fixture_data_di
     # the statistics now come from the int8 features that are served
     assert not np.array_equal(np.load(ood_path(path))["means"], stats_before)
 
-    monkeypatch.setattr(quantization, "allowed_changes", lambda n: -1)
+    monkeypatch.setattr(quantization, "refusal", lambda *args: "int8 changes 9 of 8 validation decisions")
     assert main(["quantize", "--task", "breast", "--model", str(path), "--data-dir", str(fixture_data_dir)]) == 1
-    assert capsys.readouterr().err.startswith("error: int8 changes")
+    assert capsys.readouterr().err == "error: int8 changes 9 of 8 validation decisions; keeping the float model\n"
