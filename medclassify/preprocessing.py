@@ -282,18 +282,24 @@ def _dicom_little_endian(dataset) -> bool:
 
 def to_mode(image: Image.Image, channels: int, background: int = 255) -> Image.Image:
     """Convert any PIL mode to L (channels=1) or RGB (channels=3); transparency becomes ``background``."""
-    if "transparency" in image.info and image.mode in ("L", "RGB"):
+    key = image.info.get("transparency")
+    if key is not None and image.mode in ("L", "RGB", "1"):
         image = image.convert("RGBA" if image.mode == "RGB" else "LA")  # a tRNS colour key: that colour is transparent
+    elif image.mode == "La":
+        image = image.convert("LA")  # premultiplied alpha: PIL converts it to nothing else
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        image = Image.fromarray(_to_uint8(np.asarray(image)))
+        values = np.asarray(image)
+        image = Image.fromarray(_to_uint8(values))
+        if isinstance(key, int) and mode != "F":  # a 16-bit PNG's colour key names a 16-bit value
+            image.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
     elif mode == "P":
         image = image.convert("RGBA")
     elif mode == "CMYK" or mode == "YCbCr" or mode == "LAB" or mode == "HSV":
         image = image.convert("RGB")
     elif mode == "1":
         image = image.convert("L")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         # Transparent pixels carry no image: they become the modality's background.
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (background,) * 3 + (255,)), rgba)

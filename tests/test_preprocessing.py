@@ -446,6 +446,32 @@ def test_transparent_pixels_become_the_modality_background(task, background):
     assert np.abs(keyed - to_model_input(filled, task).astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("task, background", [("blood", 255), ("breast", 0)])
+def test_a_colour_key_in_16_bit_and_1_bit_greys_is_transparent_too(task, background):
+    deep = gradient(60, 60, 1).astype(np.uint16) * 257  # the 8-bit picture in 16 bits
+    deep[:, :10] = 77 * 257
+    keyed = to_model_input(png_bytes(Image.fromarray(deep), transparency=77 * 257), task)
+    filled = (deep // 257).astype(np.uint8)
+    filled[deep == 77 * 257] = background
+    assert_array_equal_by_one(keyed, to_model_input(filled, task))
+    # 1 bit, black keyed out: the white squares stay white, the black ones become the background
+    squares = np.kron(np.indices((6, 6)).sum(0) % 2, np.ones((10, 10), int)).astype(bool)
+    keyed = to_model_input(png_bytes(Image.fromarray(squares), transparency=0), task)
+    assert_array_equal_by_one(keyed, to_model_input(np.where(squares, 255, background).astype(np.uint8), task))
+
+
+def assert_array_equal_by_one(a: np.ndarray, b: np.ndarray) -> None:
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_premultiplied_alpha_is_read_like_straight_alpha():
+    straight = Image.fromarray(np.dstack([gradient(40, 40, 1), np.full((40, 40), 128, np.uint8)]), "LA")
+    np.testing.assert_array_equal(to_model_input(straight.convert("La"), "breast"),
+                                  to_model_input(straight.convert("La").convert("LA"), "breast"))
+    assert np.abs(to_model_input(straight.convert("La"), "breast").astype(int)
+                  - to_model_input(straight, "breast").astype(int)).max() <= 2  # premultiplying rounds
+
+
 def test_colourfulness():
     assert colourfulness(np.full((28, 28, 3), 128, np.uint8)) == 0.0
     gray = np.repeat(gradient(28, 28, 1)[..., None], 3, axis=-1)
