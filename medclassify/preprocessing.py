@@ -14,6 +14,7 @@ were cropped already, so they are only resized.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ MAX_PIXELS = 50_000_000
 MAX_BYTES = 50 * 1024 * 1024
 #: Smaller than this carries no usable information.
 MIN_SIDE = 8
+#: An image whose shorter side is at least twice this is first shrunk by a whole factor (box filter, or
+#: JPEG's own scaled decoding) to a shorter side of at least this.  The 28-px model input stays the same to
+#: within a grey level or two, and a 7000x7000 upload no longer takes gigabytes to convert.
+WORKING_SIDE = 1024
+#: A 16-bit PNG or TIFF whose brightest value is below this uses at most 14 of its 16 bits: almost surely
+#: 10- to 14-bit data stored without the scaling the formats ask for, which would be read several times
+#: too dark.  (A real 8-bit picture in 16 bits reaching only 25% grey is no cell or ultrasound image.)
+LOW_BITS_LIMIT = 2 ** 14
 #: Longer side over shorter side beyond which an image cannot be a cell or an ultrasound frame:
 #: squashing it to a square would give the model a picture it never saw.
 MAX_ASPECT = 4.0
@@ -48,36 +57,67 @@ class ImageError(ValueError):
 def open_image(source: ImageLike) -> Image.Image:
     """Decode ``source`` into a fully loaded PIL image (first frame, EXIF-oriented)."""
     if isinstance(source, Image.Image):
-        image = source
+        image = source.copy()  # the EXIF rotation below works in place: never on the caller's image
     elif isinstance(source, np.ndarray):
-        return _array_to_image(source)
+        return _shrink(_array_to_image(source))
     else:
         data = _read_bytes(source)
         if data[:4] == b"DICM":  # some writers leave out the 128-byte preamble, whose content is arbitrary anyway
             data = bytes(128) + data
         if data[128:132] == b"DICM":
-            return _dicom_to_image(data)
+            return _shrink(_dicom_to_image(data))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
                 _check_dimensions(image.size)
                 image.seek(0)  # animated GIF/PNG/WebP: first frame
+                if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * WORKING_SIDE:
+                    scale = WORKING_SIDE / min(image.size)  # JPEG decodes at 1/2, 1/4 or 1/8 size for free
+                    image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
                 image.load()
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"image is too large (over {MAX_PIXELS:,} pixels)") from None
         except UnidentifiedImageError:
+            kind = next((name for magic, name in _MAGIC if data.startswith(magic) or data[8:12] == magic), None)
+            if kind:
+                raise ImageError(f"image file is damaged: it starts like a {kind} file but cannot be read") from None
             raise ImageError("not a recognised image file (png, jpg, bmp, tif, webp, gif or dcm)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageError(f"image file is damaged or truncated ({_first_line(exc)})") from None
     _check_dimensions(image.size)
     try:
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # a broken EXIF block should not cost the user the image
         pass
-    return image
+    return _shrink(image)
+
+
+#: How each supported format's file starts (WebP's tag stands at byte 8, after "RIFF" and a length).
+_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"),
+          (b"BM", "bmp"), (b"WEBP", "webp"))
+
+
+def _shrink(image: Image.Image) -> Image.Image:
+    """A large image shrunk by a whole factor so its shorter side stays at least ``WORKING_SIDE``."""
+    factor = min(image.size) // WORKING_SIDE
+    if factor < 2:
+        return image
+    key = image.info.get("transparency")
+    if image.mode.startswith("I;16"):  # PIL cannot reduce 16-bit images; averaging keeps their bit depth
+        if key is not None:
+            return image  # a colour key names exact values, which averaging would blend away
+        values = np.asarray(image)
+        height, width = (values.shape[0] // factor) * factor, (values.shape[1] // factor) * factor
+        blocks = values[:height, :width].reshape(height // factor, factor, width // factor, factor)
+        return Image.fromarray(np.round(blocks.mean(axis=(1, 3), dtype=np.float32)).astype(np.uint16))
+    if key is not None or image.mode == "P":  # palette indices and colour keys cannot be averaged: alpha can
+        image = image.convert("RGBA" if image.mode in ("P", "RGB") else "LA")
+    elif image.mode == "1":
+        image = image.convert("L")
+    return image.reduce(factor)
 
 
 def _read_bytes(source) -> bytes:
@@ -113,8 +153,13 @@ def _check_dimensions(size: tuple[int, int]) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The gist of an exception in one line (a first line that only introduces a list keeps its first item)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
@@ -139,16 +184,25 @@ def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None
     booleans 0..1).  Only data that declares none (32-bit integer and float images, arrays of other
     types) is read by its values: [0, 1] for floats whose 99.5th percentile is at most 2, else 8, 16
     or 32 bits, whichever holds 99.5% of the values.  Data whose 0.5th percentile is negative has no
-    convention; it is stretched between its 0.5th and 99.5th percentiles.  Values outside the range
+    convention, and NaN or infinite values none either: both are refused (``ImageError``), since any
+    guess could change the answer without the user knowing.  Values outside the range
     are clipped.
     """
     array = np.asarray(values)
     if value_range is None:
         value_range = _DECLARED_RANGES.get(array.dtype.newbyteorder("=").type)
-    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+        missing = array.size - int(np.isfinite(array).sum())
+        if missing:
+            raise ImageError(f"{missing:,} of the image's {array.size:,} pixel values are missing (NaN or infinite)")
+    values = array.astype(np.float32)
     if value_range is None:
-        low, high = (float(v) for v in np.percentile(values, (0.5, 99.5)))
-        if low >= 0:
+        sample = values.ravel()[::max(1, values.size // 1_000_000)]  # percentiles of a million values suffice
+        low, high = (float(v) for v in np.percentile(sample, (0.5, 99.5)))
+        if low < 0:
+            raise ImageError(f"pixel values run from {float(array.min()):.4g} to {float(array.max()):.4g}: negative "
+                             "values have no standard brightness; export the image as an 8-bit PNG or JPEG")
+        else:
             if high <= 2.0 and not np.issubdtype(array.dtype, np.integer):
                 high = 1.0  # floats meant as 0..1 (a little overshoot from resampling is clipped)
             else:
@@ -234,7 +288,7 @@ def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
     intercept = float(dataset.RescaleIntercept) if rescaled else 0.0
     windowed = (photometric.startswith("MONOCHROME") and _dicom_has(dataset, "WindowCenter")
                 and _dicom_has(dataset, "WindowWidth") and not _dicom_has(dataset, "ModalityLUTSequence")
-                and slope > 0)
+                and slope > 0 and _first_number(dataset.WindowWidth) >= 1)  # a width under 1 is no window
     voi_luts = dataset.get("VOILUTSequence") or [{}]
     if (photometric.startswith("MONOCHROME") and voi_luts[0].get("LUTDescriptor") is not None
             and voi_luts[0].get("LUTData") is not None):
@@ -251,6 +305,18 @@ def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
     if photometric == "MONOCHROME1":  # low values are shown white
         scaled = 255 - scaled
     return scaled
+
+
+def _first_number(value) -> float:
+    """A DICOM number that may be multi-valued (the first value counts, as for pydicom's windowing); nan if none."""
+    from collections.abc import Sequence
+
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # pydicom's MultiValue is one
+        value = value[0] if len(value) else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _apply_voi_lut(item, values: np.ndarray, little_endian: bool) -> tuple[np.ndarray, int]:
@@ -290,6 +356,10 @@ def to_mode(image: Image.Image, channels: int, background: int = 255) -> Image.I
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image)
+        if mode.startswith("I;16") and 0 < values.max() < LOW_BITS_LIMIT:
+            raise ImageError(f"16-bit image whose brightest value is {int(values.max())} of 65535: it looks like "
+                             "data of 14 bits or fewer stored unscaled, which would be read too dark; export it "
+                             "as an 8-bit PNG or JPEG")
         image = Image.fromarray(_to_uint8(values))
         if isinstance(key, int) and mode != "F":  # a 16-bit PNG's colour key names a 16-bit value
             image.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
@@ -316,12 +386,17 @@ def medmnist_geometry(image: Image.Image, spec: TaskSpec) -> Image.Image:
     is_thumbnail = width == height and width in MEDMNIST_SIZES
     if not is_thumbnail and spec.source_center_crop:
         side = max(1, round(min(width, height) * spec.source_center_crop))
-        if side < MIN_SIDE:
+        if side < size:
             raise ImageError(f"image is too small ({width}x{height}): the centre crop MedMNIST takes of "
-                             f"a full-size image would leave only {side}x{side} pixels")
+                             f"a full-size image would leave only {side}x{side} pixels, fewer than the "
+                             f"model's {size}x{size}")
         left = (width - side) // 2
         top = (height - side) // 2
         image = image.crop((left, top, left + side, top + side))
+    elif not is_thumbnail and min(width, height) < size:
+        # Enlarging it would invent the detail the model looks for (tested: breast images shrunk below
+        # 28 px and enlarged again were called malignant almost always).
+        raise ImageError(f"image is too small ({width}x{height}): the model needs at least {size}x{size} pixels")
     if image.size != (size, size):
         # MedMNIST resized with cubic interpolation; PIL's bicubic also antialiases.
         image = image.resize((size, size), Image.Resampling.BICUBIC)

@@ -319,7 +319,7 @@ AWKWARD_KINDS = {
 def make_awkward_files(folder: Path) -> dict[str, Path]:
     """Malformed or unusual image files, one per ``AWKWARD_KINDS`` entry."""
     folder.mkdir(parents=True, exist_ok=True)
-    rgb = Image.fromarray(gradient(64, 48))
+    rgb = Image.fromarray(gradient(96, 72))  # blood's centre crop of it (40 px) still covers 28 px
     png = _encode(rgb, "PNG")
     jpeg = _encode(rgb, "JPEG", quality=90)
     files = {
@@ -328,11 +328,11 @@ def make_awkward_files(folder: Path) -> dict[str, Path]:
         "truncated_png": ("truncated.png", png[: len(png) // 2]),
         "truncated_jpeg": ("truncated.jpg", jpeg[: len(jpeg) // 2]),
         "huge_dimensions": ("huge.png", png_header_only(100_000, 100_000)),
-        "png_16bit": ("sixteen.png", _encode(Image.fromarray((gradient(40, 40, 1).astype(np.uint16) * 257)), "PNG")),
+        "png_16bit": ("sixteen.png", _encode(Image.fromarray((gradient(60, 60, 1).astype(np.uint16) * 257)), "PNG")),
         "cmyk_jpeg": ("cmyk.jpg", _encode(rgb.convert("CMYK"), "JPEG", quality=90)),
         "palette_png": ("palette.png", _encode(rgb.convert("P"), "PNG")),
         "animated_gif": ("animated.gif", _encode(rgb, "GIF", save_all=True,
-                                                 append_images=[Image.fromarray(255 - gradient(64, 48))],
+                                                 append_images=[Image.fromarray(255 - gradient(96, 72))],
                                                  duration=100, loop=0)),
         "one_pixel": ("one.png", _encode(Image.new("RGB", (1, 1), (120, 30, 60)), "PNG")),
     }
