@@ -270,6 +270,33 @@ def ensemble_member_variants(task: str, variant: str) -> set[str]:
     return {Path(run).stem.split("_seed")[0] for run in reused.values()}
 
 
+#: The model issue's (#3) bars for the shipped models on the official test split: metric -> (rule, bar).
+#: Breast sensitivity is read at the shipped threshold, which validation chose; ECE is after calibration.
+TARGETS = {
+    "blood": {"accuracy": (">=", 0.975), "auc": (">=", 0.998), "ece": ("<=", 0.03)},
+    "breast": {"auc": (">=", 0.93), "accuracy_at_0_5": (">=", 0.90), "sensitivity": (">=", 0.90),
+               "ece": ("<=", 0.03)},
+}
+
+
+def targets_line(task: str, card: dict) -> str:
+    """Which of the model issue's test-split bars the shipped model (``card``) meets and misses, or ''."""
+    test = (card or {}).get("test") or {}
+    parts = []
+    for key, (rule, bar) in TARGETS[task].items():
+        value = test.get(key)
+        if value is None:
+            continue
+        met = value >= bar if rule == ">=" else value <= bar
+        bar_text = f"{bar:.3f}"[:-1] if f"{bar:.3f}".endswith("0") else f"{bar:.3f}"  # 0.90, 0.975
+        where = f" at threshold {test['threshold']:.4f}" if key == "sensitivity" and test.get("threshold") else ""
+        parts.append(f"{key} {value:.4f}{where} (target {'≥' if rule == '>=' else '≤'} {bar_text}: "
+                     + ("met)" if met else "**missed**)"))
+    if not parts:
+        return ""
+    return "Shipped model against the model issue's (#3) targets, official test split: " + "; ".join(parts) + "."
+
+
 def serving_line(card: dict) -> str:
     """One sentence on the shipped model's int8 serving copy (what the app and CLI answer with), or ''."""
     serving = card.get("serving") or {}
@@ -328,6 +355,9 @@ def write_report() -> Path:
     for task in ("blood", "breast"):
         parts += [f"## {get_task(task).title} ({get_task(task).flag})", "", comparison_table(task), ""]
         shipped = read_card(get_task(task).model_path)
+        targets = targets_line(task, shipped)
+        if targets:
+            parts += [targets, ""]
         check = shipped.get("ood_check")
         if check:
             parts += [f"Shipped model's \"unlike the training data\" rule (`{check['command']}`): flags "

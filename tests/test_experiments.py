@@ -333,3 +333,16 @@ def test_serving_line_reports_the_int8_copy_on_val_and_test():
     assert "val: 1 of 78 decisions differ" in line and "test: 0 of 156 decisions differ" in line
     assert "sensitivity 0.9500" in line and "ece" not in line
     assert experiments.serving_line({}) == "" and experiments.serving_line({"serving": {"val": {}}}) == ""
+
+
+def test_targets_line_says_which_bars_the_shipped_model_meets():
+    card = {"test": {"auc": 0.9267, "accuracy_at_0_5": 0.91, "sensitivity": 0.857, "threshold": 0.1826, "ece": 0.03}}
+    line = experiments.targets_line("breast", card)
+    assert "auc 0.9267 (target ≥ 0.93: **missed**)" in line
+    assert "accuracy_at_0_5 0.9100 (target ≥ 0.90: met)" in line
+    assert "sensitivity 0.8570 at threshold 0.1826 (target ≥ 0.90: **missed**)" in line
+    assert "ece 0.0300 (target ≤ 0.03: met)" in line  # at most: the bar itself passes
+    assert experiments.targets_line("blood", {"test": {"accuracy": 0.976}}) == (
+        "Shipped model against the model issue's (#3) targets, official test split: "
+        "accuracy 0.9760 (target ≥ 0.975: met).")
+    assert experiments.targets_line("blood", {"test": None}) == ""
