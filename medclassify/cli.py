@@ -5,6 +5,7 @@ Exit status: 0 success, 1 when any input failed, 2 on usage errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -56,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on the official training split")
     task_arg(t)
     data_arg(t)
-    t.add_argument("--model", choices=MODEL_KINDS, default="cnn")
+    t.add_argument("--model", choices=MODEL_KINDS, default="cnn", help="architecture")
     t.add_argument("--epochs", type=int, default=30, help="the best epoch on validation is kept")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=128, help="training images per step")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
     t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     t.add_argument("--label-smoothing", type=float, default=0.05, help="0 = off")
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--smote", action="store_true", help="SMOTE-oversample the training split")
     t.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
     t.add_argument("--ensemble", type=int, default=1, help="train N seeds and save their logit average as one model")
-    t.add_argument("--limit", type=int, help="use a small stratified subset (smoke runs)")
+    t.add_argument("--limit", type=int,
+                   help="smoke runs: a stratified subset of about N training images; validation is subsampled "
+                        "too (about N/4), so the validation numbers are noisy and not comparable with full runs")
     t.add_argument("--vgg16-weights", help="VGG16 notop h5 (default $VGG16_WEIGHTS, else download 'imagenet')")
     t.add_argument("--vgg16-input-size", type=int, default=32, help="VGG16: images are upsampled to this size")
     t.add_argument("--finetune-epochs", type=int, default=0, help="VGG16: epochs with the base unfrozen")
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     task_arg(e)
     data_arg(e)
     e.add_argument("--model", help="model file (default: the shipped model)")
-    e.add_argument("--split", choices=("val", "test"), default="test")
+    e.add_argument("--split", choices=("val", "test"), default="test", help="official split to evaluate on")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% CIs (e.g. 1000)")
     e.add_argument("--write-card", action="store_true", help="store the metrics in the model card")
@@ -98,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     task_arg(p)
     p.add_argument("--model", help="model file (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
 
     x = sub.add_parser("export", help="export a model for TensorFlow Serving")
     task_arg(x)
     x.add_argument("--model", help="model file (default: the shipped model)")
-    x.add_argument("--format", choices=("savedmodel",), default="savedmodel")
+    x.add_argument("--format", choices=("savedmodel",), default="savedmodel", help="export format")
     x.add_argument("--out", required=True,
                    help="model base folder; written to OUT/<next version>/ (an OUT ending in a number is the version)")
 
@@ -156,10 +159,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
                "fit-ood": _fit_ood, "experiment": _experiment, "report": _report,
                "ship": _ship, "ood-check": _ood_check, "quantize": _quantize}[args.command]
+    problem = _missing_model_file(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         return handler(args)
     except KeyboardInterrupt:
         return 130
+
+
+# Commands whose --model names a model file (train's --model is the architecture).
+_MODEL_FILE_COMMANDS = ("evaluate", "predict", "export", "fit-ood", "ood-check", "quantize")
+
+
+def _missing_model_file(args) -> str:
+    """'model file X not found' when the command's model file (--model, else the shipped one) is missing, else ''.
+
+    One message and one exit status (1: an input failed, like a missing data file) for every command, checked
+    before TensorFlow is imported.
+    """
+    if args.command not in _MODEL_FILE_COMMANDS:
+        return ""
+    from .registry import get_task
+
+    model = args.model or get_task(args.task).model_path
+    return "" if Path(model).is_file() else f"model file {model} not found"
 
 
 def _command_line(args) -> str:
@@ -217,18 +242,26 @@ def _train(args) -> int:
     if problem:  # found now, not after the whole training run
         print(f"error: --out {out}: {problem}", file=sys.stderr)
         return 2
-    try:
-        result = train(cfg)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    save_trained(result, out, command=_command_line(args))
-    from .ood import fit_ood
+    # stdout carries only the JSON summary.  Keras writes its progress to stdout: with a terminal on stderr
+    # (verbose 1) its progress bar goes there; otherwise (verbose 2, e.g. a log file) its per-epoch lines are
+    # dropped, as the selector already logs each epoch's validation score to stderr.
+    with contextlib.ExitStack() as stack:
+        keras_out = stack.enter_context(open(os.devnull, "w")) if cfg.verbose == 2 else sys.stderr
+        stack.enter_context(contextlib.redirect_stdout(keras_out))
+        try:
+            result = train(cfg)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    from .cards import card_path
+    from .ood import fit_ood, ood_path
 
-    fit_ood(args.task, out, args.data_dir)
+    with contextlib.redirect_stdout(sys.stderr):
+        save_trained(result, out, command=_command_line(args))
+        fit_ood(args.task, out, args.data_dir)
     summary = {k: result.val_metrics[k] for k in ("accuracy", "balanced_accuracy", "auc")}
-    summary.update(n=result.val_metrics.get("n"), model=out, best_epoch=result.best_epoch,
-                   temperature=round(result.temperature, 4),
+    summary.update(n=result.val_metrics.get("n"), model=out, card=str(card_path(out)), ood=str(ood_path(out)),
+                   best_epoch=result.best_epoch, temperature=round(result.temperature, 4),
                    threshold=result.threshold, wall_time_s=round(result.wall_time_s, 1))
     print(json.dumps({"validation": summary}))
     return 0
@@ -357,9 +390,21 @@ def _experiment(args) -> int:
 
 
 def _report(args) -> int:
-    from .experiments import write_report
+    from . import experiments
 
-    print(write_report())
+    readme = Path(experiments.REPO_ROOT) / "README.md"
+
+    def readme_text():
+        try:
+            return readme.read_text()
+        except OSError:
+            return None
+
+    before = readme_text()
+    print(experiments.write_report())
+    after = readme_text()
+    if after is not None and after != before:  # write_report rewrites the block between the results markers
+        print(f"{readme}: Results section rewritten")
     return 0
 
 

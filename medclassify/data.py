@@ -2,13 +2,17 @@
 
 Files live where medmnist keeps them (``~/.medmnist``) unless ``--data-dir`` or
 ``MEDMNIST_ROOT`` says otherwise, so users who already downloaded them reuse
-their copies.  A missing file is fetched from the official Zenodo record and its
-MD5 is checked against the registry; a corrupt file is never silently used.
+their copies.  A folder named by ``--data-dir`` or ``MEDMNIST_ROOT`` must exist
+(a misspelt one is an error, not a new folder); only ``~/.medmnist`` is created.
+A missing file is fetched from the official Zenodo record and its MD5 is checked
+against the registry; a corrupt file is never silently used.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,6 +38,18 @@ def default_data_dir(data_dir: Optional[str | os.PathLike] = None) -> Path:
     return Path("~/.medmnist").expanduser()
 
 
+def _check_chosen_root(root: Path, data_dir) -> None:
+    """A folder the user named (``data_dir`` or ``$MEDMNIST_ROOT``) must exist: a misspelt name must not
+    silently become a new folder with a fresh download in it.  Only the default ``~/.medmnist`` is created."""
+    if root.is_dir():
+        return
+    problem = "is not a folder" if root.exists() else "does not exist"
+    if data_dir:
+        raise DataError(f"data folder {root} {problem}")
+    if os.environ.get("MEDMNIST_ROOT"):
+        raise DataError(f"data folder {root} {problem} (set by MEDMNIST_ROOT)")
+
+
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as fh:
@@ -47,6 +63,7 @@ def dataset_path(task: str | TaskSpec, size: int = 28, data_dir=None, download: 
     """Path of the task's npz file, downloading it (MD5-checked) when missing."""
     spec = get_task(task) if isinstance(task, str) else task
     root = default_data_dir(data_dir)
+    _check_chosen_root(root, data_dir)
     path = root / spec.file_name(size)
     expected = spec.md5[size]
     if not path.exists():
@@ -66,16 +83,19 @@ def dataset_path(task: str | TaskSpec, size: int = 28, data_dir=None, download: 
 def _download(spec: TaskSpec, size: int, root: Path) -> Path:
     import keras
 
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)  # only ever the default folder: dataset_path checked a chosen one
     try:
-        fetched = keras.utils.get_file(
-            fname=spec.file_name(size),
-            origin=spec.url(size),
-            md5_hash=spec.md5[size],
-            hash_algorithm="md5",
-            cache_dir=str(root),
-            cache_subdir=".",
-        )
+        # Keras prints "Downloading data from ..." and its progress bar to stdout, which would corrupt the
+        # CLI's JSON output (evaluate --json, predict --json): it goes to stderr with the other progress.
+        with contextlib.redirect_stdout(sys.stderr):
+            fetched = keras.utils.get_file(
+                fname=spec.file_name(size),
+                origin=spec.url(size),
+                md5_hash=spec.md5[size],
+                hash_algorithm="md5",
+                cache_dir=str(root),
+                cache_subdir=".",
+            )
     except Exception as exc:  # network errors come in many types
         raise DataError(
             f"could not download {spec.file_name(size)} from {spec.url(size)} ({exc}); "

@@ -508,6 +508,23 @@ def _count(iterator: Iterable) -> int:
     return sum(1 for _ in iterator)
 
 
+def _one_field(text: str) -> str:
+    """``text`` with control characters (newline, tab, escape, ...) and Unicode line breaks written as Python
+    escapes (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``), so that a file name keeps the text output at one
+    tab-separated line per file."""
+    import unicodedata
+
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+                   else ch for ch in text)
+
+
+def _error_text(source: str, error: str) -> str:
+    """The error of one input as the CLI reports it: a glob that matched nothing is not a missing file."""
+    if error.startswith("no such file") and glob.has_magic(source):
+        return f"no file matches {source}"
+    return error
+
+
 def run_predict_cli(args) -> int:
     """``python -m medclassify predict``: stream results, one line per input file.
 
@@ -553,17 +570,19 @@ def run_predict_cli(args) -> int:
             seen += 1
             if isinstance(result, str):
                 failed += 1
-                line = json.dumps({"file": source, "error": result}) if as_json else f"{source}\terror: {result}"
+                error = _error_text(source, result)
+                line = (json.dumps({"file": source, "error": error}) if as_json
+                        else f"{_one_field(source)}\terror: {_one_field(error)}")
             elif as_json:
                 line = json.dumps(result.to_json(file=source))
             elif result.ood:  # as in the app: an image unlike the training data gets no answer, only the reason
-                line = f"{source}\t{NO_ANSWER}\t-\tWARNING: " + "; ".join(result.warnings)
+                line = f"{_one_field(source)}\t{NO_ANSWER}\t-\tWARNING: " + "; ".join(result.warnings)
             elif result.p_positive is not None:  # thresholded: the label's own probability can be under 50%
                 positive = spec.class_names[spec.positive_class]
-                line = (f"{source}\t{result.label}\tP({positive})={result.p_positive:.3f}"
+                line = (f"{_one_field(source)}\t{result.label}\tP({positive})={result.p_positive:.3f}"
                         f"\tthreshold={result.threshold:.3f}")
             else:
-                line = f"{source}\t{result.label}\t{result.probabilities[result.label]:.3f}"
+                line = f"{_one_field(source)}\t{result.label}\t{result.probabilities[result.label]:.3f}"
             out.write(line + "\n")
             if seen % batch_size == 0:
                 out.flush()

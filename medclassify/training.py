@@ -403,11 +403,24 @@ def _stratified_subset(split: Split, n: int, seed: int, at_least: int = 1) -> Sp
 
 def save_trained(result: TrainResult, out: str | os.PathLike, command: Optional[str] = None) -> Path:
     """Write the model and the training half of its card (the evaluation adds test metrics)."""
+    import logging
+
     from .cards import write_training_card
+
+    def not_the_legacy_notice(record) -> bool:
+        # Keras logs (through absl) "You are saving your model as an HDF5 file ... considered legacy ... We
+        # recommend ... `.keras`" on every .h5 save.  The .h5 format is this project's choice (the shipped
+        # models and the app load it), so that one notice is dropped; any other message still shows.
+        return "considered legacy" not in record.getMessage()
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.model.save(str(out))
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(not_the_legacy_notice)
+    try:
+        result.model.save(str(out))
+    finally:
+        absl_logger.removeFilter(not_the_legacy_notice)
     write_training_card(out, result, command=command or " ".join(sys.argv))
     return out
 

@@ -384,7 +384,7 @@ def test_predict_model_problems(capsys, tmp_path, fixture_images):
     image = str(next(iter(fixture_images.values())).path)
     code, stdout, err = run_main(capsys, "predict", "--task", "blood", "--model", tmp_path / "missing.h5",
                                  "--no-progress", image)
-    assert code in (1, 2) and "missing.h5" in err and "not found" in err and stdout == ""
+    assert code == 1 and "missing.h5" in err and "not found" in err and stdout == ""
     broken = tmp_path / "broken.h5"
     broken.write_text("not a model")
     code, _, err = run_main(capsys, "predict", "--task", "blood", "--model", broken, "--no-progress", image)
@@ -485,3 +485,151 @@ def test_ood_commands_name_a_model_of_the_other_task(capsys, tiny_models, fixtur
     code, _, err = run_main(capsys, command, "--task", "breast", "--model", tiny_models["blood"].path,
                             "--data-dir", fixture_data_dir)
     assert code == 1 and "is not a breast model" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- review fixes (session 10)
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "fit-ood", "ood-check", "quantize"])
+def test_a_missing_model_file_is_the_same_one_line_and_exit_1_for_every_command(capsys, tmp_path, fixture_images,
+                                                                              command):
+    missing = tmp_path / "nope.h5"
+    extra = {"predict": ["--no-progress", next(iter(fixture_images.values())).path],
+             "export": ["--out", tmp_path / "export"]}.get(command, ["--data-dir", tmp_path])
+    code, stdout, err = run_main(capsys, command, "--task", "blood", "--model", missing, *extra)
+    assert (code, stdout, err) == (1, "", f"error: model file {missing} not found\n")
+
+
+def test_evaluate_names_a_missing_model_file_when_called_as_a_library(tmp_path):
+    from medclassify.evaluation import evaluate
+
+    with pytest.raises(FileNotFoundError, match=r"^model file .*nope\.h5 not found$"):
+        evaluate("blood", tmp_path / "nope.h5", data_dir=tmp_path)
+
+
+def _option_help(parser, action) -> str:
+    formatter = parser._get_formatter()
+    formatter.add_argument(action)
+    return " ".join(formatter.format_help().split())
+
+
+def test_help_shows_the_default_of_every_option_that_has_one():
+    import argparse
+
+    from medclassify.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    checked, missing = 0, []
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+                continue
+            checked += 1
+            if f"(default: {action.default})" not in _option_help(sub, action):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert checked > 20 and missing == []
+
+
+def test_train_limit_help_says_that_validation_is_subsampled_too():
+    import argparse
+
+    from medclassify.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = subparsers.choices["train"]
+    limit = _option_help(train, next(a for a in train._actions if "--limit" in a.option_strings))
+    assert "validation" in limit and "N/4" in limit and "not comparable" in limit
+
+
+def test_train_stdout_is_only_the_summary(capsys, tmp_path, monkeypatch):
+    """Keras writes its per-epoch lines to stdout; with stderr not a terminal (verbose 2), they must not end up
+    before the JSON summary, while the run's own per-epoch line still goes to stderr."""
+    from types import SimpleNamespace
+
+    from medclassify import ood, training
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["verbose"] = cfg.verbose
+        print("Epoch 1/1")  # as Keras's fit(verbose=2) does
+        print("1/1 - 13s - 13s/step - accuracy: 0.5000 - loss: 0.6931")
+        print("  epoch 1: val_auc=0.5000 (best 0.5000 at 1)", file=sys.stderr)  # as the selector does
+        return SimpleNamespace(val_metrics={"accuracy": 0.5, "balanced_accuracy": 0.5, "auc": 0.5, "n": 8},
+                               best_epoch=1, temperature=1.0, threshold=0.4, wall_time_s=13.0)
+
+    def fake_save(result, out, command=None):
+        print("saved")  # anything said while saving goes to stderr too
+        Path(out).write_bytes(b"model")
+        Path(out).with_suffix(".card.json").write_text("{}")
+        return Path(out)
+
+    def fake_fit_ood(task, model, data_dir=None):
+        Path(model).with_suffix(".ood.npz").write_bytes(b"ood")
+        return {}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(training, "save_trained", fake_save)
+    monkeypatch.setattr(ood, "fit_ood", fake_fit_ood)
+    out = tmp_path / "m.h5"
+    code, stdout, err = run_main(capsys, "train", "--task", "breast", "--epochs", 1, "--out", out)
+    assert code == 0 and seen["verbose"] == 2
+    assert len(stdout.splitlines()) == 1, stdout
+    summary = json.loads(stdout)["validation"]
+    assert summary["model"] == str(out)
+    assert summary["card"] == str(out.with_suffix(".card.json")) and Path(summary["card"]).exists()
+    assert summary["ood"] == str(out.with_suffix(".ood.npz")) and Path(summary["ood"]).exists()
+    assert "epoch 1: val_auc=" in err and "Epoch 1/1" not in err  # Keras's own lines are dropped
+
+
+def test_predict_text_keeps_one_line_per_file_whatever_the_name(capsys, tiny_models, fixture_images, tmp_path):
+    scan = next(info.path for info in fixture_images.values() if info.task == "blood")
+    odd = tmp_path / "two\nlines\tand a tab\x1b.png"
+    shutil.copyfile(scan, odd)
+    missing = tmp_path / "gone\n.png"
+    model = tiny_models["blood"].path
+    code, stdout, _ = run_main(capsys, "predict", "--task", "blood", "--model", model, "--no-progress", odd, missing)
+    assert code == 1
+    rows = [line.split("\t") for line in stdout.splitlines()]
+    assert len(rows) == 2, stdout
+    assert rows[0][0] == f"{tmp_path}/two\\nlines\\tand a tab\\x1b.png" and len(rows[0]) == 3
+    assert rows[1][0] == f"{tmp_path}/gone\\n.png" and rows[1][1].startswith("error: ") and len(rows[1]) == 2
+    code, stdout, _ = run_main(capsys, "predict", "--task", "blood", "--model", model, "--no-progress", "--json",
+                               odd)
+    assert code == 0 and [line["file"] for line in json_lines(stdout)] == [str(odd)]  # JSON keeps the name as is
+
+
+def test_predict_a_glob_that_matches_nothing_says_so(capsys, tiny_models, tmp_path):
+    pattern = str(tmp_path / "nomatch" / "**" / "*.png")
+    plain = str(tmp_path / "nomatch.png")
+    model = tiny_models["blood"].path
+    code, stdout, _ = run_main(capsys, "predict", "--task", "blood", "--model", model, "--no-progress", "--json",
+                               pattern, plain)
+    assert code == 1
+    assert json_lines(stdout) == [{"file": pattern, "error": f"no file matches {pattern}"},
+                                  {"file": plain, "error": f"no such file: {plain}"}]
+    code, stdout, _ = run_main(capsys, "predict", "--task", "blood", "--model", model, "--no-progress", pattern)
+    assert code == 1 and stdout == f"{pattern}\terror: no file matches {pattern}\n"
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_report_says_when_it_rewrote_the_readme(capsys, tmp_path, monkeypatch, markers):
+    from medclassify import experiments
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\n" if markers else "# x\n")
+
+    def fake_write_report():
+        out = tmp_path / "results" / "comparison.md"
+        out.parent.mkdir()
+        out.write_text("# Comparison\n\nnew\n")
+        experiments.replace_between_markers(readme, "results", "new")
+        return out
+
+    monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(experiments, "write_report", fake_write_report)
+    code, stdout, _ = run_main(capsys, "report")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0] == str(tmp_path / "results" / "comparison.md")
+    assert lines[1:] == ([f"{readme}: Results section rewritten"] if markers else [])

@@ -76,6 +76,72 @@ def test_missing_file_download_failure_is_a_data_error(tmp_path, monkeypatch):
     assert calls[0]["origin"] == get_task("blood").url(28)
 
 
+def _fake_get_file(calls):
+    """Stands in for ``keras.utils.get_file``: prints to stdout as Keras does, then writes the file."""
+
+    def get_file(**kwargs):
+        calls.append(kwargs)
+        print(f"Downloading data from {kwargs['origin']}")
+        print("1/1 [==============================] - 0s")
+        target = Path(kwargs["cache_dir"]) / kwargs["cache_subdir"] / kwargs["fname"]
+        target.write_bytes(b"downloaded")
+        return str(target)
+
+    return get_file
+
+
+def test_download_progress_goes_to_stderr_not_stdout(tmp_path, monkeypatch, capsys):
+    """stdout carries the CLI's JSON (evaluate --json, predict --json): Keras's download messages must not."""
+    import keras
+
+    calls = []
+    monkeypatch.setattr(keras.utils, "get_file", _fake_get_file(calls))
+    path = dataset_path("blood", data_dir=tmp_path, verify=False)
+    assert calls and path == tmp_path / "bloodmnist.npz" and path.read_bytes() == b"downloaded"
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Downloading data from" in err and "1/1" in err
+
+
+@pytest.mark.parametrize("how", ["argument", "MEDMNIST_ROOT"])
+def test_a_named_data_folder_that_does_not_exist_is_an_error_not_a_new_folder(tmp_path, monkeypatch, how):
+    import keras
+
+    calls = []
+    monkeypatch.setattr(keras.utils, "get_file", _fake_get_file(calls))
+    typo = tmp_path / "medmnsit"
+    if how == "argument":
+        monkeypatch.delenv("MEDMNIST_ROOT", raising=False)
+        data_dir = typo
+    else:
+        monkeypatch.setenv("MEDMNIST_ROOT", str(typo))
+        data_dir = None
+    for download in (True, False):
+        with pytest.raises(DataError) as info:
+            load_split("blood", "test", data_dir=data_dir, download=download)
+        message = str(info.value)
+        assert message.startswith(f"data folder {typo} does not exist") and "\n" not in message
+        assert ("MEDMNIST_ROOT" in message) == (how == "MEDMNIST_ROOT")
+    assert not typo.exists() and not calls  # nothing created, nothing downloaded
+
+
+def test_a_named_data_path_that_is_a_file_is_an_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        dataset_path("blood", data_dir=tmp_path / "file")
+
+
+def test_the_default_data_folder_is_still_created(tmp_path, monkeypatch):
+    import keras
+
+    calls = []
+    monkeypatch.setattr(keras.utils, "get_file", _fake_get_file(calls))
+    monkeypatch.delenv("MEDMNIST_ROOT", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = dataset_path("breast", verify=False)
+    assert path == tmp_path / ".medmnist" / "breastmnist.npz" and path.exists() and len(calls) == 1
+
+
 def test_unknown_split(fixture_data_dir):
     with pytest.raises(ValueError, match="unknown split"):
         load_split("blood", "holdout", data_dir=fixture_data_dir)

@@ -467,12 +467,13 @@ def test_cli_predict_missing_and_usage_errors(tiny_models, tmp_path, capsys):
     code, lines, err = run_cli(["predict", "--task", "blood", "--model", model, "--batch-size", "0", missing],
                                capsys)
     assert code == 2 and not lines and "batch-size" in err
-    code, lines, err = run_cli(["predict", "--task", "blood", "--model", str(tmp_path / "no_model.h5"), missing],
-                               capsys)
-    assert code == 2 and not lines and "not found" in err
     with pytest.raises(SystemExit) as exc:
         cli.main(["predict", "--task", "nosuchtask", missing])
     assert exc.value.code == 2
+    # a missing model file is an input that failed (exit 1), as for every command that takes --model
+    code, lines, err = run_cli(["predict", "--task", "blood", "--model", str(tmp_path / "no_model.h5"), missing],
+                               capsys)
+    assert code == 1 and not lines and "not found" in err
     # an empty folder: nothing classified is a failure, said on stderr
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -551,3 +552,13 @@ def test_fast_ood_distances_match_the_detector(predictors, task):
     reference = OODDetector.distances(predictor.ood, feats)  # the class's own implementation
     np.testing.assert_allclose(predictor.ood.distances(feats), reference, rtol=1e-9)
     np.testing.assert_allclose(predictor.ood.distances(feats[0]), reference[:1], rtol=1e-9)
+
+
+def test_text_output_fields_escape_control_characters():
+    from medclassify.inference import _error_text, _one_field
+
+    assert _one_field("a\nb\tc\x1bd\u2028e.png") == "a\\nb\\tc\\x1bd\\u2028e.png"
+    assert _one_field("plain é ü/scan\udcff.png") == "plain é ü/scan\udcff.png"  # printable text and surrogates kept
+    assert _error_text("x/**/*.png", "no such file: x/**/*.png") == "no file matches x/**/*.png"
+    assert _error_text("x.png", "no such file: x.png") == "no such file: x.png"
+    assert _error_text("x[1].png", "cannot read the image") == "cannot read the image"
