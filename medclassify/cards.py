@@ -21,6 +21,12 @@ INTENDED_USE = (
     "Not a medical device; not for diagnosis, triage or any clinical decision."
 )
 
+_BREAST_TRAINING_SET = "Trained on 546 28x28 thumbnails from one public dataset (BUSI, 600 women, one centre)."
+_BREAST_THRESHOLD = ("Threshold chosen on a 78-image validation split: sensitivity and specificity estimates are "
+                     "uncertain (see the confidence intervals).")
+#: Limitations that count the official splits' images: untrue of a run on a subset (``--limit``).
+OFFICIAL_SPLITS_ONLY = (_BREAST_TRAINING_SET, _BREAST_THRESHOLD)
+
 LIMITATIONS = {
     "blood": [
         "Trained on 28x28 thumbnails: fine morphology (granules, nuclear chromatin) is mostly lost.",
@@ -30,14 +36,22 @@ LIMITATIONS = {
         "Expects one centred cell; full-size images are centre-cropped like MedMNIST (200/360 of the shorter side).",
     ],
     "breast": [
-        "Trained on 546 28x28 thumbnails from one public dataset (BUSI, 600 women, one centre).",
+        _BREAST_TRAINING_SET,
         "'normal/benign' merges two clinically distinct classes (MedMNIST's binary task).",
-        "Threshold chosen on a 78-image validation split: sensitivity and specificity estimates are uncertain "
-        "(see the confidence intervals).",
+        _BREAST_THRESHOLD,
         "Full-size images are resized to 28x28 like MedMNIST; annotations, calipers or text on the image may "
         "change the prediction.",
     ],
 }
+
+
+def training_limitations(spec: TaskSpec, config, n_validation: int | None) -> list[str]:
+    """The task's limitations; a run on a subset (``limit``) says so first and drops ``OFFICIAL_SPLITS_ONLY``."""
+    if not config.limit:
+        return list(LIMITATIONS[spec.name])
+    general = [text for text in LIMITATIONS[spec.name] if text not in OFFICIAL_SPLITS_ONLY]
+    return ([f"Smoke or trial run on a subset (--limit {config.limit}: about {config.limit} training and "
+             f"{n_validation} validation images); its numbers say nothing about the full recipe."] + general)
 
 
 def card_path(model_path: str | os.PathLike) -> Path:
@@ -126,7 +140,7 @@ def write_training_card(model_path, result, command: str) -> Path:
         "validation": result.val_metrics,
         "test": None,
         "intended_use": INTENDED_USE,
-        "limitations": LIMITATIONS[spec.name],
+        "limitations": training_limitations(spec, result.config, result.val_metrics.get("n")),
     }
     return write_card(model_path, card)
 

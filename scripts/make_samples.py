@@ -35,6 +35,12 @@ trying the app with one click.  The true label is in the file name;
 `scripts/make_samples.py` (first {blood} test images per class for blood,
 first {breast} per class for breast); do not edit by hand.
 
+They were picked by their position in the test split, not by how the models do
+on them, so the shipped models get some of them wrong or find them unlike the
+training data, as they do on the rest of the test split (see the README's
+Results).  `python -m medclassify predict --task breast sample_images/breast`
+shows which.
+
 * `blood/`: BloodMNIST (28x28 RGB) -- from the PBC dataset, Acevedo et al. 2020,
   *Data in Brief* 30:105474.  Licence: CC BY 4.0.
 * `breast/`: BreastMNIST (28x28 grayscale) -- from the BUSI dataset,

@@ -9,6 +9,7 @@ from medclassify import cards
 from medclassify.cards import (
     INTENDED_USE,
     LIMITATIONS,
+    OFFICIAL_SPLITS_ONLY,
     SCHEMA,
     add_evaluation,
     card_path,
@@ -100,7 +101,10 @@ def test_training_card(tiny_models, task):
     assert card["validation"]["n"] == tiny.result.val_metrics["n"]
     assert card["test"] is None
     assert card["intended_use"] == INTENDED_USE
-    assert card["limitations"] == LIMITATIONS[task]
+    # a run on a subset says so, and keeps no sentence that counts the official splits' images
+    assert card["limitations"][0].startswith(f"Smoke or trial run on a subset (--limit {tiny.result.config.limit}:")
+    assert f"{card['validation']['n']} validation images" in card["limitations"][0]
+    assert card["limitations"][1:] == [text for text in LIMITATIONS[task] if text not in OFFICIAL_SPLITS_ONLY]
     assert card["data"]["dataset"] == spec.flag
     # fit_ood added its section
     assert card["ood"]["distance_threshold"] == pytest.approx(tiny.ood["distance_threshold"])
@@ -148,3 +152,12 @@ def test_shipped_cards(task):
 def test_cards_module_has_no_hand_typed_metrics():
     text = open(cards.__file__).read()
     assert "accuracy\":" not in text and "auc\":" not in text
+
+
+def test_a_full_run_keeps_every_limitation():
+    from medclassify.cards import training_limitations
+    from medclassify.training import TrainConfig
+
+    for task in TASKS:
+        assert training_limitations(get_task(task), TrainConfig(task=task), 78) == LIMITATIONS[task]
+    assert len([t for t in LIMITATIONS["breast"] if t in OFFICIAL_SPLITS_ONLY]) == 2
