@@ -126,6 +126,12 @@ def sample_items(task: str) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     return [(s.name, s.path.read_bytes()) for s in picked], {s.name: s.label for s in picked}
 
 
+@st.cache_data(show_spinner=False, max_entries=32)  # in memory only: uploads never reach the disk
+def _preview(data: bytes, background: int):
+    """The upload as decoded, once per file: every rerun (a slider, a tab) would decode it again."""
+    return aps.preview(data, background=background)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def _read_sample(path: str):
     from medclassify.preprocessing import open_image
@@ -173,7 +179,7 @@ def show_model_view(prediction, data: bytes | None) -> None:
     st.image(aps.upscale(prediction.model_input, 196), width=196,
              caption="What the model saw: the 28×28 px input, enlarged with nearest neighbour")
     if data is not None:
-        original = aps.preview(data, background=get_task(prediction.task).background)
+        original = _preview(data, get_task(prediction.task).background)
         if original is not None:
             with st.expander("Your image as uploaded"):
                 st.image(original)
