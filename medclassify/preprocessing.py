@@ -81,7 +81,7 @@ def open_image(source: ImageLike) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"image is too large (over {MAX_PIXELS:,} pixels)") from None
         except UnidentifiedImageError:
-            kind = next((name for magic, name in _MAGIC if data.startswith(magic) or data[8:12] == magic), None)
+            kind = _claimed_format(data)
             if kind:
                 raise ImageError(f"image file is damaged: it starts like a {kind} file but cannot be read") from None
             raise ImageError("not a recognised image file (png, jpg, bmp, tif, webp, gif or dcm)") from None
@@ -95,9 +95,16 @@ def open_image(source: ImageLike) -> Image.Image:
     return _shrink(image)
 
 
-#: How each supported format's file starts (WebP's tag stands at byte 8, after "RIFF" and a length).
+#: How each supported format's file starts (WebP is a RIFF file whose own tag stands at byte 8).
 _MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"),
-          (b"BM", "bmp"), (b"WEBP", "webp"))
+          (b"BM", "bmp"))
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The supported format whose signature ``data`` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
 def _shrink(image: Image.Image) -> Image.Image:

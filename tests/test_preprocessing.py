@@ -832,5 +832,16 @@ def test_a_damaged_file_of_a_known_format_is_called_damaged():
     png[29] ^= 0xFF  # inside IHDR: its checksum no longer holds
     with pytest.raises(ImageError, match="^image file is damaged: it starts like a png file but cannot be read$"):
         prepare(bytes(png), "blood")
-    with pytest.raises(ImageError, match="^not a recognised image file"):
-        prepare(b"PK\x03\x04 a zip archive, not an image" * 4, "blood")
+    webp = bytearray(_encode_webp(gradient(40, 40)))
+    webp[20:40] = bytes(20)  # its VP8 chunk header gone
+    with pytest.raises(ImageError, match="^image file is damaged"):
+        prepare(bytes(webp), "blood")
+    for other in (b"PK\x03\x04 a zip archive, not an image" * 4, b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(40)):
+        with pytest.raises(ImageError, match="^not a recognised image file"):
+            prepare(other, "blood")
+
+
+def _encode_webp(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="WEBP", lossless=True)
+    return buffer.getvalue()
