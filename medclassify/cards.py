@@ -50,7 +50,7 @@ def training_limitations(spec: TaskSpec, config, n_validation: int | None) -> li
     if not config.limit:
         return list(LIMITATIONS[spec.name])
     general = [text for text in LIMITATIONS[spec.name] if text not in OFFICIAL_SPLITS_ONLY]
-    return ([f"Smoke or trial run on a subset (--limit {config.limit}: about {config.limit} training and "
+    return ([f"Smoke or trial run on a subset (--limit {config.limit}: at most {config.limit} training and "
              f"{n_validation} validation images); its numbers say nothing about the full recipe."] + general)
 
 

@@ -242,12 +242,9 @@ def _train(args) -> int:
     if problem:  # found now, not after the whole training run
         print(f"error: --out {out}: {problem}", file=sys.stderr)
         return 2
-    # stdout carries only the JSON summary.  Keras writes its progress to stdout: with a terminal on stderr
-    # (verbose 1) its progress bar goes there; otherwise (verbose 2, e.g. a log file) its per-epoch lines are
-    # dropped, as the selector already logs each epoch's validation score to stderr.
-    with contextlib.ExitStack() as stack:
-        keras_out = stack.enter_context(open(os.devnull, "w")) if cfg.verbose == 2 else sys.stderr
-        stack.enter_context(contextlib.redirect_stdout(keras_out))
+    # stdout carries only the JSON summary: Keras's progress (its bar, or per-epoch loss and accuracy lines,
+    # which show a diverging run in a log file) goes to stderr with the selector's validation scores.
+    with contextlib.redirect_stdout(sys.stderr):
         try:
             result = train(cfg)
         except DataError as exc:

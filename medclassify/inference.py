@@ -542,9 +542,9 @@ def run_predict_cli(args) -> int:
         print(f"error: --batch-size must be at least 1, got {batch_size}", file=sys.stderr)
         return 2
     model = getattr(args, "model", None)
-    if model and not Path(model).is_file():
+    if model and not Path(model).is_file():  # an input that failed, as every command reports it (cli.main)
         print(f"error: model file {model} not found", file=sys.stderr)
-        return 2
+        return 1
     try:
         predictor = Predictor(spec, model)
     except (FileNotFoundError, OSError, ValueError) as exc:

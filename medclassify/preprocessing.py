@@ -31,7 +31,7 @@ ImageLike = Union[bytes, bytearray, str, os.PathLike, Image.Image, np.ndarray]
 #: Anything larger is refused before decoding (decompression bombs, huge scans).
 MAX_PIXELS = 50_000_000
 MAX_BYTES = 50 * 1024 * 1024
-#: Smaller than this carries no usable information.
+#: Smaller than this is refused before decoding; after MedMNIST's crop an image needs the model's 28 px.
 MIN_SIDE = 8
 #: An image whose shorter side is at least twice this is first shrunk by a whole factor (box filter, or
 #: JPEG's own scaled decoding) to a shorter side of at least this.  The 28-px model input stays the same to
@@ -55,17 +55,24 @@ class ImageError(ValueError):
 
 
 def open_image(source: ImageLike) -> Image.Image:
-    """Decode ``source`` into a fully loaded PIL image (first frame, EXIF-oriented)."""
+    """Decode ``source`` (``decode_image``) and shrink it when large (``WORKING_SIDE``)."""
+    return _shrink(decode_image(source))
+
+
+def decode_image(source: ImageLike) -> Image.Image:
+    """Decode ``source`` into a fully loaded PIL image at full size (first frame, EXIF-oriented; JPEGs of
+    2048 px or more decode at a reduced scale).  Refuses 16-bit files that hold unscaled low-bit data."""
     if isinstance(source, Image.Image):
         image = source.copy()  # the EXIF rotation below works in place: never on the caller's image
+        _refuse_unscaled_low_bits(image)
     elif isinstance(source, np.ndarray):
-        return _shrink(_array_to_image(source))
+        return _array_to_image(source)
     else:
         data = _read_bytes(source)
         if data[:4] == b"DICM":  # some writers leave out the 128-byte preamble, whose content is arbitrary anyway
             data = bytes(128) + data
         if data[128:132] == b"DICM":
-            return _shrink(_dicom_to_image(data))
+            return _dicom_to_image(data)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -76,6 +83,7 @@ def open_image(source: ImageLike) -> Image.Image:
                     scale = WORKING_SIDE / min(image.size)  # JPEG decodes at 1/2, 1/4 or 1/8 size for free
                     image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
                 image.load()
+                _refuse_unscaled_low_bits(image, png_depth=data[24] if data.startswith(b"\x89PNG") else None)
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -92,7 +100,27 @@ def open_image(source: ImageLike) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # a broken EXIF block should not cost the user the image
         pass
-    return _shrink(image)
+    return image
+
+
+def _refuse_unscaled_low_bits(image: Image.Image, png_depth: int | None = None) -> None:
+    """Refuse a 16-bit image whose brightest value is under ``LOW_BITS_LIMIT`` (see there).
+
+    Pillow keeps 16-bit grey as 16 bits (I;16) but reduces 16-bit colour and grey-with-alpha PNGs to their
+    high bytes, so for those (``png_depth`` 16) the same rule reads the 8-bit maximum against 2^14 / 2^8.
+    Checked at full size: averaging while shrinking lowers the brightest value.
+    """
+    if image.mode.startswith("I;16"):
+        brightest, scale = int(np.asarray(image).max()), 1
+    elif png_depth == 16 and image.mode in ("RGB", "RGBA", "LA"):
+        bands = image.getextrema()[:3 if image.mode != "LA" else 1]
+        brightest, scale = max(high for _, high in bands), 256
+    else:
+        return
+    if 0 < brightest * scale < LOW_BITS_LIMIT:
+        raise ImageError(f"16-bit image whose brightest value is about {brightest * scale} of 65535: it looks "
+                         "like data of 14 bits or fewer stored unscaled, which would be read too dark; export "
+                         "it as an 8-bit PNG or JPEG")
 
 
 #: How each supported format's file starts (WebP is a RIFF file whose own tag stands at byte 8).
@@ -120,11 +148,17 @@ def _shrink(image: Image.Image) -> Image.Image:
         height, width = (values.shape[0] // factor) * factor, (values.shape[1] // factor) * factor
         blocks = values[:height, :width].reshape(height // factor, factor, width // factor, factor)
         return Image.fromarray(np.round(blocks.mean(axis=(1, 3), dtype=np.float32)).astype(np.uint16))
-    if key is not None or image.mode == "P":  # palette indices and colour keys cannot be averaged: alpha can
-        image = image.convert("RGBA" if image.mode in ("P", "RGB") else "LA")
-    elif image.mode == "1":
+    if image.mode == "1" and key is None:
         image = image.convert("L")
+    elif key is not None and image.mode in ("L", "1"):
+        image = image.convert("LA")
+    elif key is not None or image.mode not in _AVERAGEABLE:  # palette indices, hue angles, colour keys: alpha
+        image = image.convert("RGBA")
     return image.reduce(factor)
+
+
+#: Modes whose pixel values can be averaged into a smaller picture (not palette indices or hue angles).
+_AVERAGEABLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "I", "F"}
 
 
 def _read_bytes(source) -> bytes:
@@ -176,6 +210,8 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageError(f"array of shape {array.shape} is not an image (H x W, H x W x 3 or H x W x 4)")
     _check_dimensions((array.shape[1], array.shape[0]))
+    if array.dtype == np.uint16 and array.ndim == 2:
+        _refuse_unscaled_low_bits(Image.fromarray(array))
     if array.dtype != np.uint8:
         array = _to_uint8(array)
     return Image.fromarray(array)
@@ -198,11 +234,13 @@ def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None
     array = np.asarray(values)
     if value_range is None:
         value_range = _DECLARED_RANGES.get(array.dtype.newbyteorder("=").type)
-    if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
-        missing = array.size - int(np.isfinite(array).sum())
-        if missing:
-            raise ImageError(f"{missing:,} of the image's {array.size:,} pixel values are missing (NaN or infinite)")
-    values = array.astype(np.float32)
+    try:
+        values = array.astype(np.float64)  # uploads arrive here shrunk (WORKING_SIDE): float64 costs little
+    except (TypeError, ValueError):
+        raise ImageError(f"pixel values of type {array.dtype} are not numbers") from None
+    missing = values.size - int(np.isfinite(values).sum())
+    if missing:
+        raise ImageError(f"{missing:,} of the image's {values.size:,} pixel values are missing (NaN or infinite)")
     if value_range is None:
         sample = values.ravel()[::max(1, values.size // 1_000_000)]  # percentiles of a million values suffice
         low, high = (float(v) for v in np.percentile(sample, (0.5, 99.5)))
@@ -363,10 +401,6 @@ def to_mode(image: Image.Image, channels: int, background: int = 255) -> Image.I
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image)
-        if mode.startswith("I;16") and 0 < values.max() < LOW_BITS_LIMIT:
-            raise ImageError(f"16-bit image whose brightest value is {int(values.max())} of 65535: it looks like "
-                             "data of 14 bits or fewer stored unscaled, which would be read too dark; export it "
-                             "as an 8-bit PNG or JPEG")
         image = Image.fromarray(_to_uint8(values))
         if isinstance(key, int) and mode != "F":  # a 16-bit PNG's colour key names a 16-bit value
             image.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
@@ -426,8 +460,9 @@ def prepare(source: ImageLike, task: str | TaskSpec) -> Prepared:
     Raises ``ImageError`` with a one-line reason for anything that cannot be used.
     """
     spec = get_task(task) if isinstance(task, str) else task
-    image = open_image(source)
-    original_size, original_mode = image.size, image.mode
+    decoded = decode_image(source)
+    original_size, original_mode = decoded.size, decoded.mode  # as decoded, before any shrinking
+    image = _shrink(decoded)
     try:
         # Reduce in RGB first so the modality check sees the colour the user sent.
         rgb = medmnist_geometry(to_mode(image, 3, spec.background), spec)

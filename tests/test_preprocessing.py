@@ -58,6 +58,20 @@ def make_image(mode: str, width: int, height: int, seed: int = 0) -> Image.Image
     return image
 
 
+def png_16_bit_colour(rgb: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written by hand (Pillow writes none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width, _ = rgb.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **kwargs)
@@ -248,7 +262,7 @@ def test_grayscale_array_with_channel_axis_and_float_arrays():
 def test_arrays_of_any_dtype(dtype, channels, width, height, task):
     rng = np.random.default_rng(width * 1000 + height)
     shape = (height, width) if channels is None else (height, width, channels)
-    array = (rng.random(shape) * 300).astype(dtype)
+    array = (rng.random(shape) * (60000 if dtype == "uint16" else 300)).astype(dtype)  # 16 bits in use
     if usable_size(width, height, task):
         assert_model_input(to_model_input(array, task), task)
     else:
@@ -558,9 +572,16 @@ def test_bit_depth_does_not_change_the_picture(task):
     # its own maximum would make dark pictures bright: such a file is refused with the reason.
     for bits in (12, 14):
         unscaled = (gradient(120, 120, 1).astype(np.uint16) << (bits - 8)) | 3
-        with pytest.raises(ImageError, match=f"brightest value is {int(unscaled.max())} of 65535") as info:
+        with pytest.raises(ImageError, match=f"brightest value is about {int(unscaled.max())} of 65535") as info:
             to_model_input(png_bytes(Image.fromarray(unscaled)), task)
         assert_one_line(str(info.value))
+    rgb12 = (gradient(120, 120).astype(np.uint16) << 4) | 3  # Pillow reads 16-bit colour PNGs as 8 bits
+    with pytest.raises(ImageError, match="stored unscaled"):
+        to_model_input(png_16_bit_colour(rgb12), task)
+    with pytest.raises(ImageError, match="stored unscaled"):  # the same rule for 16-bit arrays
+        to_model_input(gradient(120, 120, 1).astype(np.uint16) << 4, task)
+    assert_array_equal_by_one(to_model_input(png_16_bit_colour(gradient(120, 120).astype(np.uint16) * 257), task),
+                              to_model_input(gradient(120, 120), task))
     dark_but_deep = gradient(120, 120, 1).astype(np.uint16) * 65  # brightest 16575: 16 bits in use, kept
     assert to_model_input(png_bytes(Image.fromarray(dark_but_deep)), task).max() <= 66
     blank = png_bytes(Image.fromarray(np.zeros((120, 120), np.uint16)))  # no bits at all: the blank-image check's
@@ -845,3 +866,31 @@ def _encode_webp(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="WEBP", lossless=True)
     return buffer.getvalue()
+
+
+def test_shrinking_keeps_palettes_hues_and_the_16_bit_rule_honest():
+    """From a review: a palette-with-alpha image averaged its palette indices (all black) once shrunk; the
+    16-bit rule read the averaged (lower) maximum, so the answer depended on the image size; and the upload's
+    size and mode in ``Prepared`` are those of the file, not of the shrunk copy."""
+    picture = gradient(2100, 2100)
+    palette = Image.fromarray(picture).convert("P")
+    with_alpha = palette.convert("PA")
+    assert np.abs(to_model_input(with_alpha, "blood").astype(int)
+                  - to_model_input(palette.convert("RGB"), "blood").astype(int)).max() <= 2
+    hsv = Image.fromarray(picture).convert("HSV")
+    assert np.abs(to_model_input(hsv, "blood").astype(int)
+                  - to_model_input(Image.fromarray(picture), "blood").astype(int)).max() <= 3
+    deep = np.zeros((2100, 2100), np.uint16)
+    deep[::2, ::2] = 20560  # brightest value 20560: 16 bits in use, though 2x2 averages reach only 5140
+    assert_model_input(to_model_input(Image.fromarray(deep), "breast"), "breast")
+    prepared = prepare(png_bytes(palette), "blood")
+    assert (prepared.original_size, prepared.original_mode) == ((2100, 2100), "P")
+
+
+def test_array_values_beyond_float32_and_non_numbers():
+    from medclassify.preprocessing import _to_uint8
+
+    huge = gradient(40, 40, 1).astype(np.float64) * 1e37  # finite, beyond float32's range
+    assert _to_uint8(huge).max() == 255 and _to_uint8(huge).min() == 0
+    with pytest.raises(ImageError, match="are not numbers"):
+        _to_uint8(np.full((30, 30), "grey", dtype=object))
