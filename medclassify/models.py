@@ -219,8 +219,13 @@ def load_model(path, task: str | TaskSpec | None = None):
     """Load a saved ``.h5``/``.keras`` model for inference (no optimizer state).
 
     With ``task``, a model built for the other task is refused with a one-line ``ValueError``
-    (instead of a TensorFlow shape error many lines long at its first prediction).
+    (instead of a TensorFlow shape error many lines long at its first prediction), and a missing file
+    with ``FileNotFoundError('model file X not found')`` (not h5py's "Unable to synchronously open file").
     """
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file {path} not found")
     keras = _keras()
     model = keras.models.load_model(str(path), compile=False)
     if task is not None:

@@ -235,7 +235,7 @@ def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None
     if value_range is None:
         value_range = _DECLARED_RANGES.get(array.dtype.newbyteorder("=").type)
     try:
-        values = array.astype(np.float64)  # uploads arrive here shrunk (WORKING_SIDE): float64 costs little
+        values = array.astype(np.float64)  # decoded files arrive here shrunk (WORKING_SIDE): float64 costs little
     except (TypeError, ValueError):
         raise ImageError(f"pixel values of type {array.dtype} are not numbers") from None
     missing = values.size - int(np.isfinite(values).sum())
