@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-sensitivity", type=float, default=0.95,
                    help="breast: validation sensitivity for malignant the threshold must keep")
     t.add_argument("--out", required=True,
-                   help="output .h5; its card and OOD statistics go beside it (the shipped models are replaced "
-                        "only by `ship`)")
+                   help="output .h5 (a missing folder is made); its card and OOD statistics go beside it (the "
+                        "shipped models are replaced only by `ship`)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
     e = sub.add_parser("evaluate", help="metrics of a saved model on an official split")
@@ -270,8 +270,11 @@ def _unwritable_model_path(out: str) -> str:
     if path.suffix not in (".h5", ".keras"):
         return "the model file must end in .h5 (or .keras)"
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        return f"folder {folder} does not exist"
+    # `--out runs/x.h5` on a fresh clone: runs/ is ignored by git and absent, and making it is what was meant.
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"folder {folder} could not be created ({exc.strerror or exc})"
     if not os.access(folder, os.W_OK):
         return f"folder {folder} is not writable"
     return ""

@@ -73,6 +73,8 @@ def decode_image(source: ImageLike) -> Image.Image:
             data = bytes(128) + data
         if data[128:132] == b"DICM":
             return _dicom_to_image(data)
+        if data[:2] == b"\x08\x00" and _is_bare_dicom(data):
+            return _dicom_to_image(data, bare=True)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -264,12 +266,30 @@ def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None
 _DECLARED_RANGES = {np.uint8: (0.0, 255.0), np.uint16: (0.0, 65535.0), np.bool_: (0.0, 1.0)}
 
 
-def _dicom_to_image(data: bytes) -> Image.Image:
+def _is_bare_dicom(data: bytes) -> bool:
+    """A DICOM data set stored without preamble and file meta (older PACS and ACR-NEMA-style exports), which
+    begins with its (0008,xxxx) elements.  No supported image format starts with those two bytes; to be taken
+    as DICOM, the bytes must also parse into a data set with image rows."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        return "Rows" in dataset and "Columns" in dataset
+    except Exception:
+        return False
+
+
+def _dicom_to_image(data: bytes, bare: bool = False) -> Image.Image:
     try:
         import pydicom
         from pydicom.pixels import pixel_array
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-        dataset = pydicom.dcmread(io.BytesIO(data))
+        dataset = pydicom.dcmread(io.BytesIO(data), force=bare)
+        if bare:  # no file meta to name the encoding: it is the one the reader found
+            implicit, little = dataset.original_encoding
+            dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                                   ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     except Exception as exc:
         raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
     try:

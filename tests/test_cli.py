@@ -168,13 +168,29 @@ def test_train_rejects_bad_settings_exit_2(capsys, tmp_path, bad):
 
 
 @pytest.mark.parametrize("out, problem", [("model_breast", "must end in .h5"),
-                                          ("missing/model.h5", "does not exist")])
+                                          ("a_file/model.h5", "could not be created")])
 def test_train_checks_out_before_training(capsys, tmp_path, monkeypatch, out, problem):
     from medclassify import training
 
+    (tmp_path / "a_file").write_text("a file where the folder should be")
     monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("trained before checking --out"))
     code, _, err = run_main(capsys, "train", "--task", "breast", "--out", tmp_path / out)
     assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_makes_a_missing_out_folder_before_training(capsys, tmp_path, monkeypatch):
+    from medclassify import training
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg):
+        assert (tmp_path / "runs" / "breast").is_dir(), "folder not made before training"
+        raise Stop
+
+    monkeypatch.setattr(training, "train", stop)
+    with pytest.raises(Stop):
+        run_main(capsys, "train", "--task", "breast", "--out", tmp_path / "runs" / "breast" / "m.h5")
 
 
 def test_train_missing_data_exit_1(capsys, tmp_path, monkeypatch):

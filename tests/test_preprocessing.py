@@ -803,6 +803,23 @@ def test_dicom_without_preamble_and_broken_dicom(tmp_path):
     assert_one_line(str(info.value))
 
 
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_dicom_data_set_without_file_meta_is_read(tmp_path, implicit_vr):
+    """Older PACS exports hold the bare data set: no preamble, no DICM, no file meta naming the encoding."""
+    import pydicom
+
+    path = write_dicom(tmp_path / "scan.dcm", gradient(40, 36, 1).astype(np.uint16) * 64)
+    dataset = pydicom.Dataset(pydicom.dcmread(path))  # its elements, without preamble and file meta
+    bare = io.BytesIO()
+    dataset.save_as(bare, implicit_vr=implicit_vr, little_endian=True)
+    data = bare.getvalue()
+    assert data[:2] == b"\x08\x00" and b"DICM" not in data[:200]
+    np.testing.assert_array_equal(to_model_input(data, "breast"), to_model_input(path, "breast"))
+    for not_dicom in (b"\x08\x00" + bytes(range(256)) * 8, data[:40]):  # starts alike; no image rows in it
+        with pytest.raises(ImageError, match="not a recognised image file"):
+            prepare(not_dicom, "breast")
+
+
 # --------------------------------------------------------------------------- large, small and damaged files
 
 @pytest.mark.parametrize("task", TASK_NAMES)
