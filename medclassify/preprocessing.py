@@ -85,7 +85,7 @@ def decode_image(source: ImageLike) -> Image.Image:
                     scale = WORKING_SIDE / min(image.size)  # JPEG decodes at 1/2, 1/4 or 1/8 size for free
                     image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
                 image.load()
-                _refuse_unscaled_low_bits(image, png_depth=data[24] if data.startswith(b"\x89PNG") else None)
+                _refuse_unscaled_low_bits(image, _stored_depth(image, data))
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -105,16 +105,26 @@ def decode_image(source: ImageLike) -> Image.Image:
     return image
 
 
-def _refuse_unscaled_low_bits(image: Image.Image, png_depth: int | None = None) -> None:
+def _stored_depth(image: Image.Image, data: bytes) -> int | None:
+    """Bits per sample as the file stores them (PNG's IHDR, TIFF's BitsPerSample), where Pillow may keep fewer."""
+    if data.startswith(b"\x89PNG") and len(data) > 24:
+        return data[24]
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258)  # BitsPerSample: one value per sample
+        return max(bits) if isinstance(bits, tuple) and bits else bits if isinstance(bits, int) else None
+    return None
+
+
+def _refuse_unscaled_low_bits(image: Image.Image, stored_depth: int | None = None) -> None:
     """Refuse a 16-bit image whose brightest value is under ``LOW_BITS_LIMIT`` (see there).
 
-    Pillow keeps 16-bit grey as 16 bits (I;16) but reduces 16-bit colour and grey-with-alpha PNGs to their
-    high bytes, so for those (``png_depth`` 16) the same rule reads the 8-bit maximum against 2^14 / 2^8.
-    Checked at full size: averaging while shrinking lowers the brightest value.
+    Pillow keeps 16-bit grey as 16 bits (I;16) but reduces 16-bit colour (PNG, TIFF) and grey-with-alpha
+    (PNG) to their high bytes, so for those (``stored_depth`` 16) the same rule reads the 8-bit maximum
+    against 2^14 / 2^8.  Checked at full size: averaging while shrinking lowers the brightest value.
     """
     if image.mode.startswith("I;16"):
         brightest, scale = int(np.asarray(image).max()), 1
-    elif png_depth == 16 and image.mode in ("RGB", "RGBA", "LA"):
+    elif stored_depth == 16 and image.mode in ("RGB", "RGBA", "LA"):
         bands = image.getextrema()[:3 if image.mode != "LA" else 1]
         brightest, scale = max(high for _, high in bands), 256
     else:

@@ -72,6 +72,24 @@ def png_16_bit_colour(rgb: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
+def tiff_16_bit_colour(rgb: np.ndarray) -> bytes:
+    """An uncompressed 16-bit RGB TIFF written by hand (Pillow writes none)."""
+    import struct
+
+    height, width, _ = rgb.shape
+    pixels = rgb.astype("<u2").tobytes()
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, None), (277, 3, 1, 3), (278, 4, 1, height), (279, 4, 1, len(pixels)), (284, 3, 1, 1)]
+    bits_at = 8 + 2 + 12 * len(tags) + 4  # header, entry count, entries, next-IFD offset
+    values = {258: bits_at, 273: bits_at + 6}  # BitsPerSample (three shorts) and the strip follow the IFD
+    entries = b"".join(struct.pack("<HHI", tag, kind, count)
+                       + (struct.pack("<I", values[tag]) if value is None else
+                          struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+                       for tag, kind, count, value in tags)
+    return (b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + bytes(4) + struct.pack("<3H", 16, 16, 16)
+            + pixels)
+
+
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **kwargs)
@@ -578,6 +596,10 @@ def test_bit_depth_does_not_change_the_picture(task):
     rgb12 = (gradient(120, 120).astype(np.uint16) << 4) | 3  # Pillow reads 16-bit colour PNGs as 8 bits
     with pytest.raises(ImageError, match="stored unscaled"):
         to_model_input(png_16_bit_colour(rgb12), task)
+    with pytest.raises(ImageError, match="stored unscaled"):  # and 16-bit colour TIFFs, read as 8 bits too
+        to_model_input(tiff_16_bit_colour(rgb12), task)
+    assert_array_equal_by_one(to_model_input(tiff_16_bit_colour(gradient(120, 120).astype(np.uint16) * 257), task),
+                              to_model_input(gradient(120, 120), task))
     with pytest.raises(ImageError, match="stored unscaled"):  # the same rule for 16-bit arrays
         to_model_input(gradient(120, 120, 1).astype(np.uint16) << 4, task)
     assert_array_equal_by_one(to_model_input(png_16_bit_colour(gradient(120, 120).astype(np.uint16) * 257), task),
