@@ -435,6 +435,11 @@ def main() -> None:
     task = choose_task()
     try:
         predictor = load_predictor(task)
+    except (FileNotFoundError, ValueError) as exc:  # a missing model file, a bad setting: waiting fixes neither
+        log.exception("model load failed")
+        st.error(f"The {get_task(task).title} model could not be loaded: {aps.one_line(exc)}. "
+                 "The server's operator needs to fix this.")
+        return
     except Exception:
         log.exception("model load failed")
         st.error(f"The {get_task(task).title} model could not be loaded. Please try again later.")

@@ -306,6 +306,7 @@ def trained_accuracy(task: str, widths=None, card_path=None) -> str:
     Speed does not depend on the weights, but the speed/accuracy trade does: each benchmarked
     architecture is labelled with the test accuracy its training variant reached, when one exists.
     """
+    from medclassify.cards import load_card_file
     from medclassify.experiments import RESULTS_DIR
 
     key = "accuracy" if task == "blood" else "auc"
@@ -314,7 +315,7 @@ def trained_accuracy(task: str, widths=None, card_path=None) -> str:
     for path in paths:
         if "_seed" in path.name or not path.exists():
             continue
-        card = json.loads(path.read_text())
+        card = load_card_file(path)
         config = (card.get("training") or {}).get("config") or {}
         if widths is not None and (config.get("model") != "cnn" or list(config.get("widths") or []) != list(widths)
                                    or (config.get("ensemble") or 1) != 1):
@@ -324,7 +325,7 @@ def trained_accuracy(task: str, widths=None, card_path=None) -> str:
     if not matches:
         return ""
     # several variants share an architecture: label it with the one validation prefers, as shipping does
-    card = max(matches, key=lambda c: (c.get("val") or {}).get(key, float("-inf")))
+    card = max(matches, key=lambda c: (c.get("validation") or {}).get(key, float("-inf")))
     return f"{card.get('variant', '?')}: test {key} {card['test'][key]:.4f}"
 
 

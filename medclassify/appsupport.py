@@ -8,6 +8,7 @@ memory only: nothing here writes a file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,19 @@ class ImageResult:
 
 
 def error_message(exc: BaseException) -> str:
-    """One line for the page; never a traceback."""
+    """One line for the page.  An unexpected error shows only its kind: its text may hold internals (paths,
+    tensor names) that say nothing to a clinician, and the log has it whole (``process_image``)."""
     if isinstance(exc, ImageError):
         text = str(exc).strip().splitlines()
         return text[0] if text else "the image could not be read"
     return f"could not process this image ({type(exc).__name__})"
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's first line, for a message that someone can act on (a missing model file, a bad setting)."""
+    from .preprocessing import _first_line
+
+    return _first_line(exc).rstrip(".")
 
 
 def process_image(predictor, name: str, data: bytes) -> ImageResult:
@@ -84,6 +93,8 @@ def process_image(predictor, name: str, data: bytes) -> ImageResult:
     try:
         return ImageResult(name, prediction=predictor.predict(bytes(data)))
     except Exception as exc:  # one bad file must never stop the page
+        if not isinstance(exc, ImageError):  # a bad upload is the user's news; anything else is a bug to trace
+            logging.getLogger(__name__).exception("could not process upload %r", name)
         return ImageResult(name, error=error_message(exc))
 
 
@@ -112,7 +123,8 @@ def process_batch(predictor, items: Sequence[tuple[str, bytes]], batch_size: int
     except Exception:
         # Something failed beyond one file's decoding (e.g. inside a model call):
         # finish the rest one by one so every file still gets its own answer or error.
-        pass
+        logging.getLogger(__name__).exception("batch prediction failed after %d of %d files; answering the rest "
+                                              "one by one", len(results), total)
     for name, data in items[len(results):]:
         results.append(process_image(predictor, name, data))
         report()
@@ -246,7 +258,9 @@ def results_csv(frame, card: Optional[dict] = None, decision_rule: str = "") -> 
     """The table as CSV; with ``card``, every row also names the model and its decision rule, so a file
     passed on later still says where its labels came from and that they are not diagnoses."""
     if card is not None:
-        model = f"{card.get('name', '')} ({card.get('variant', '')}, card {card.get('created', '')})"
+        details = ", ".join(part for part in (card.get("variant"), card.get("created") and f"card {card['created']}")
+                            if part)
+        model = f"{card.get('name', '')}" + (f" ({details})" if details else "")
         frame = frame.assign(model=model, decision_rule=decision_rule, note=DISCLAIMER)
     return frame.to_csv(index=False).encode("utf-8")
 
@@ -455,7 +469,9 @@ def serving_text(card: dict, precision: str) -> str:
     """How the answers on screen are computed: the int8 serving copy (and how it compares) or the float model."""
     serving = (card or {}).get("serving") or {}
     if precision != "int8" or not serving:
-        return "Predictions come from the model itself (float), whose test results are shown above."
+        split = card_metrics(card)[0]
+        return ("Predictions come from the model itself (float)"
+                + (f", whose {split} results are shown above." if split else "."))
     text = (f"Predictions come from an int8 copy of the model ({serving.get('runtime', 'TensorFlow Lite')}), "
             "which runs faster on CPUs.")
     test = serving.get("test") or {}

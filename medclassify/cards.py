@@ -14,7 +14,9 @@ from pathlib import Path
 from . import __version__
 from .registry import REPO_ROOT, TaskSpec, get_task
 
-SCHEMA = "medclassify-model-card/1"
+#: 2: one validation section (schema 1 also kept the validation evaluation in ``val``); the metrics' nested
+#: precision/recall/f1 copies of the flat keys are gone.
+SCHEMA = "medclassify-model-card/2"
 
 INTENDED_USE = (
     "Research and education: demonstrating classification of MedMNIST-style images. "
@@ -54,16 +56,28 @@ def training_limitations(spec: TaskSpec, config, n_validation: int | None) -> li
              f"{n_validation} validation images); its numbers say nothing about the full recipe."] + general)
 
 
+#: The card section that holds each official split's metrics (``evaluate --split val`` adds to training's).
+SPLIT_SECTIONS = {"val": "validation", "test": "test"}
+
+
 def card_path(model_path: str | os.PathLike) -> Path:
     return Path(model_path).with_suffix(".card.json")
 
 
 def read_card(model_path: str | os.PathLike) -> dict:
+    """The card beside ``model_path``, or {} when it has none."""
     path = card_path(model_path)
-    if not path.exists():
-        return {}
+    return load_card_file(path) if path.exists() else {}
+
+
+def load_card_file(path: str | os.PathLike) -> dict:
+    """A card file.  Schema-1 cards kept the validation evaluation in a second section, ``val``, beside
+    training's ``validation``: it is folded in, so every reader finds one validation section."""
     with open(path) as fh:
-        return json.load(fh)
+        card = json.load(fh)
+    if isinstance(card.get("val"), dict):
+        card["validation"] = {**(card.get("validation") or {}), **card.pop("val")}
+    return card
 
 
 def write_card(model_path: str | os.PathLike, card: dict) -> Path:
@@ -154,8 +168,10 @@ def add_evaluation(model_path, metrics: dict, command: str) -> Path:
         resolved = Path(model).resolve()
         metrics = {**metrics, "model": str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT)
                    else Path(model).name}
-    card[metrics.get("split", "test")] = metrics
-    card.setdefault("evaluation_commands", {})[metrics.get("split", "test")] = command
+    split = metrics.get("split", "test")
+    # Validation metrics from the evaluation replace training's: the same numbers, with CIs and reliability.
+    card[SPLIT_SECTIONS.get(split, split)] = metrics
+    card.setdefault("evaluation_commands", {})[split] = command
     return write_card(model_path, card)
 
 

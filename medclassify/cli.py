@@ -382,7 +382,7 @@ def _experiment(args) -> int:
     trial = is_trial(epochs=args.epochs, limit=args.limit)
     # Only the validation numbers, which are what variants are compared on: the test metrics are in
     # the card for the report, and printing them after every run invites choosing by them.
-    val = card.get("val") or {}
+    val = card.get("validation") or {}
     print(json.dumps({"card": str(card_file(args.task, args.variant, args.seed, trial)),
                       "val": {k: val.get(k) for k in ("accuracy", "auc", "sensitivity", "specificity",
                                                       "accuracy_at_0_5") if k in val}}))

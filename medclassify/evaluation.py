@@ -7,6 +7,8 @@ is reported beside it as ``accuracy_at_0_5``.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -25,6 +27,20 @@ SCALAR_METRICS = (
     "precision_macro", "recall_macro", "f1_macro",
     "precision_weighted", "recall_weighted", "f1_weighted",
 )
+
+
+def decision_threshold(card: Optional[dict], spec: TaskSpec, model_name: str = "this model") -> Optional[float]:
+    """The threshold a thresholded task decides at: the card's, else ``spec.default_threshold``.
+
+    Every reader of a card (serving, export, evaluation, quantisation) takes it from here, so a model
+    without one is decided at the same number everywhere and says so once per load. None for argmax tasks.
+    """
+    threshold = ((card or {}).get("decision") or {}).get("threshold")
+    if threshold is None and spec.decision == "threshold":
+        threshold = spec.default_threshold
+        print(f"warning: {model_name} has no threshold in its card; deciding at MedMNIST's {threshold}, "
+              "which was not chosen for any sensitivity", file=sys.stderr)
+    return threshold
 
 
 def decide(spec: TaskSpec, probabilities: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
@@ -122,9 +138,6 @@ def compute_metrics(spec: TaskSpec | str, labels, probabilities, threshold: Opti
     metrics = _scalars(spec, labels, probabilities, predictions)
     classes = np.arange(spec.num_classes)
     p, r, f, s = precision_recall_fscore_support(labels, predictions, labels=classes, zero_division=0)
-    metrics["precision"] = {"macro": metrics["precision_macro"], "weighted": metrics["precision_weighted"]}
-    metrics["recall"] = {"macro": metrics["recall_macro"], "weighted": metrics["recall_weighted"]}
-    metrics["f1"] = {"macro": metrics["f1_macro"], "weighted": metrics["f1_weighted"]}
     metrics["per_class"] = {
         name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
         for i, name in enumerate(spec.class_names)
@@ -182,8 +195,7 @@ def evaluate(task: str, model_path=None, split: str = "test", data_dir=None, boo
     spec = get_task(task)
     path = model_path or spec.model_path
     model = load_model(path, spec)  # a missing file: FileNotFoundError('model file X not found')
-    card = read_card(path)
-    threshold = (card.get("decision") or {}).get("threshold") if card else None
+    threshold = decision_threshold(read_card(path), spec, Path(path).name)
     data = load_split(spec, split, data_dir=data_dir)
     probabilities = predict_split(model, data.images)
     metrics = compute_metrics(spec, data.labels, probabilities, threshold=threshold, bootstrap=bootstrap,

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+from .cards import load_card_file
 from .registry import REPO_ROOT, get_task
 from .training import TrainConfig
 
@@ -137,7 +138,7 @@ def matching_runs(cfg: TrainConfig) -> dict[int, Path]:
     recipes = {}
     for path in sorted((RUNS_DIR / cfg.task).glob("*.h5")):
         if card_path(path).exists():
-            recipes[path] = _recipe(json.loads(card_path(path).read_text()).get("training", {}).get("config", {}))
+            recipes[path] = _recipe(load_card_file(card_path(path)).get("training", {}).get("config", {}))
     found = {}
     for member in range(cfg.ensemble):
         wanted = _recipe(config_dict(replace(cfg, ensemble=1, seed=member_seed(cfg, member))))
@@ -221,10 +222,10 @@ def comparison_table(task: str) -> str:
     rows.append(header)
     rows.append("|" + "---|" * (4 + len(keys)))
     for path in sorted((RESULTS_DIR / task).glob("*.card.json")):
-        card = json.loads(path.read_text())
         if "_seed" in path.name:
             continue
-        val, test = card.get("val") or card.get("validation") or {}, card.get("test") or {}
+        card = load_card_file(path)
+        val, test = card.get("validation") or {}, card.get("test") or {}
         name = card.get("variant", path.stem)
         if SHIPPED.get(task) == name:
             name = f"**{name}** (shipped)"
@@ -249,7 +250,7 @@ def seed_summary(task: str, variant: str) -> Optional[dict]:
     seeds = sorted([0] + [int(m.group(1)) for p in (RESULTS_DIR / task).glob(f"{variant}_seed*.card.json")
                           if (m := seed_card.fullmatch(p.name))])
     cards = [card_file(task, variant, s) for s in seeds]
-    tests = [json.loads(p.read_text()).get("test") for p in cards if p.exists()]
+    tests = [load_card_file(p).get("test") for p in cards if p.exists()]
     tests = [t for t in tests if t]
     if len(tests) < 2:
         return None
@@ -266,7 +267,7 @@ def ensemble_member_variants(task: str, variant: str) -> set[str]:
     path = card_file(task, variant)
     if not path.exists():
         return set()
-    reused = json.loads(path.read_text()).get("training", {}).get("members_reused") or {}
+    reused = load_card_file(path).get("training", {}).get("members_reused") or {}
     return {Path(run).stem.split("_seed")[0] for run in reused.values()}
 
 
@@ -315,7 +316,7 @@ def serving_line(card: dict) -> str:
 
 
 def _resamples_text() -> str:
-    counts = {json.loads(path.read_text()).get("test", {}).get("bootstrap_resamples")
+    counts = {load_card_file(path).get("test", {}).get("bootstrap_resamples")
               for task in VARIANTS for path in (RESULTS_DIR / task).glob("*.card.json")}
     return f"{counts.pop():,} resamples" if len(counts) == 1 and None not in counts else "resamples as in each card"
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import sys
 import threading
@@ -42,7 +43,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from .cards import read_card
-from .preprocessing import ImageError, ImageLike, Prepared, prepare
+from .preprocessing import ImageError, ImageLike, Prepared, _first_line, prepare
 from .quantization import lite_threads, load_quantized, new_interpreter, serving_precision, to_tflite
 from .registry import TaskSpec, get_task
 
@@ -55,6 +56,24 @@ FEATURE_LAYER = "pool"
 #: What the CLI and the app say instead of a label for an image unlike the training data.
 NO_ANSWER = "no reliable answer"
 DEFAULT_BATCH_SIZE = 256
+#: Longest exception text a one-line error message quotes.
+GIST_CHARS = 120
+
+log = logging.getLogger(__name__)
+
+
+def exception_gist(exc: BaseException) -> str:
+    """``Type: first line of the text``, cut to ``GIST_CHARS``: enough to tell failures apart in one line."""
+    name, line = type(exc).__name__, _first_line(exc)
+    if line == name:  # no text of its own
+        return name
+    line = line if len(line) <= GIST_CHARS else line[:GIST_CHARS - 1].rstrip() + "…"
+    return f"{name}: {line}"
+
+
+def describe_source(source) -> str:
+    """A path as itself, anything else by its type: an upload's bytes never go into a log."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
 @dataclass
@@ -264,6 +283,7 @@ class Predictor:
 
     def __init__(self, task: str | TaskSpec, model_path: Optional[str | os.PathLike] = None, warm: bool = True,
                  single_image_runtime: Optional[str] = None):
+        from .evaluation import decision_threshold
         from .models import load_model
         from .ood import OODDetector
 
@@ -274,12 +294,7 @@ class Predictor:
             raise FileNotFoundError(f"model file {self.model_path} not found")
         self.model = load_model(self.model_path, self.spec)
         self.card = read_card(self.model_path)
-        decision = self.card.get("decision") or {}
-        self.threshold = decision.get("threshold")
-        if self.threshold is None and self.spec.decision == "threshold":
-            self.threshold = self.spec.default_threshold
-            print(f"warning: {self.model_path.name} has no threshold in its card; deciding at MedMNIST's "
-                  f"{self.threshold}, which was not chosen for any sensitivity", file=sys.stderr)
+        self.threshold = decision_threshold(self.card, self.spec, self.model_path.name)
         self._serving_model, self._serving_inputs = serving_model(self.model)
         self._graphs = {}  # dtype -> TensorFlow graph, traced on first use: the int8 copy usually serves
         self._graph_lock = threading.Lock()
@@ -349,10 +364,9 @@ class Predictor:
             return self._graphs[dtype]
 
     def _decide(self, probs: np.ndarray) -> int:
-        if self.spec.decision == "threshold":
-            positive = self.spec.positive_class
-            return positive if probs[positive] >= self.threshold else 1 - positive
-        return int(np.argmax(probs))
+        from .evaluation import decide  # the rule the card's metrics were measured with
+
+        return int(decide(self.spec, probs[None], self.threshold)[0])
 
     def _result(self, prepared: Prepared, probs: np.ndarray, feats: np.ndarray) -> Prediction:
         index = self._decide(probs)
@@ -384,7 +398,9 @@ class Predictor:
             except ImageError as exc:
                 out.append((source, str(exc)))
             except Exception as exc:  # never let one odd file stop a batch
-                out.append((source, f"could not read image ({type(exc).__name__})"))
+                # not an ImageError: a reader bug or a format it half-knows, which the log must keep
+                log.warning("could not read %s", describe_source(source), exc_info=True)
+                out.append((source, f"could not read image ({exception_gist(exc)})"))
         return out
 
     def _predict_prepared(self, batch: list[tuple[object, Prepared | str]]) -> Iterator[tuple[object, Prediction | str]]:
@@ -638,6 +654,7 @@ def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[st
     import tensorflow as tf
 
     from .cards import card_path
+    from .evaluation import decision_threshold
     from .models import load_model
 
     spec = get_task(task)
@@ -654,10 +671,7 @@ def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[st
 
     model = load_model(model_path, spec)
     graph, n_inputs = serving_model(model, features=None)
-    card = read_card(model_path)
-    threshold = (card.get("decision") or {}).get("threshold")
-    if threshold is None and spec.decision == "threshold":
-        threshold = spec.default_threshold
+    threshold = decision_threshold(read_card(model_path), spec, model_path.name)
     names = tf.constant(list(spec.class_names))
 
     class ServingModule(tf.Module):

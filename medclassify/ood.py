@@ -44,13 +44,17 @@ class Verdict:
 
 class OODDetector:
     def __init__(self, spec: TaskSpec, means=None, precision=None, threshold: Optional[float] = None,
-                 min_colourfulness: Optional[float] = None, unavailable: Optional[str] = None):
+                 min_colourfulness: Optional[float] = None, unavailable: Optional[str] = None,
+                 grayscale_max_colourfulness: float = GRAYSCALE_MAX_COLOURFULNESS,
+                 blank_max_std: float = BLANK_MAX_STD):
         self.spec = spec
         self.means = None if means is None else np.asarray(means, dtype=np.float64)
         self.precision = None if precision is None else np.asarray(precision, dtype=np.float64)
         self.threshold = threshold
         self.min_colourfulness = min_colourfulness
         self.unavailable = unavailable  # why the distance rule the card declares cannot run
+        self.grayscale_max_colourfulness = grayscale_max_colourfulness
+        self.blank_max_std = blank_max_std
 
     @classmethod
     def for_model(cls, spec: TaskSpec, model_path, card: dict) -> "OODDetector":
@@ -66,8 +70,12 @@ class OODDetector:
                 unavailable = f"{path.name} {'is missing' if not path.exists() else 'cannot be read'}"
                 print(f"warning: {unavailable} ({type(exc).__name__}); every answer of {Path(model_path).name} is "
                       f"withheld until `python -m medclassify fit-ood --task {spec.name}` rewrites it", file=sys.stderr)
+        # The card records the limits its rules were fitted with; a card from before they were recorded
+        # gets today's constants.
+        limits = {key: settings[key] for key in ("grayscale_max_colourfulness", "blank_max_std")
+                  if settings.get(key) is not None}
         return cls(spec, means, precision, settings.get("distance_threshold"), settings.get("min_colourfulness"),
-                   unavailable)
+                   unavailable, **limits)
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class mean, per row."""
@@ -79,15 +87,15 @@ class OODDetector:
     def check(self, prepared, probabilities: np.ndarray, features: np.ndarray) -> Verdict:
         reasons = []
         colour = prepared.colourfulness
-        if self.spec.channels == 1 and colour > GRAYSCALE_MAX_COLOURFULNESS:
+        if self.spec.channels == 1 and colour > self.grayscale_max_colourfulness:
             reasons.append("colour image: the breast model expects a grayscale ultrasound image")
         if self.spec.channels == 3:
-            minimum = self.min_colourfulness or GRAYSCALE_MAX_COLOURFULNESS
+            minimum = self.grayscale_max_colourfulness if self.min_colourfulness is None else self.min_colourfulness
             if colour < minimum:
                 reasons.append("grayscale or washed-out image: the blood model expects a stained colour "
                                "microscope image")
         pixels = np.asarray(prepared.array, dtype=np.float32).reshape(-1, prepared.array.shape[-1])
-        if float(pixels.std(axis=0).max()) < BLANK_MAX_STD:  # per channel: a flat colour is blank too
+        if float(pixels.std(axis=0).max()) < self.blank_max_std:  # per channel: a flat colour is blank too
             reasons.append("blank image: there is almost no contrast to classify")
         score = None
         if self.unavailable:

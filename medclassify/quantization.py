@@ -292,6 +292,7 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     """
     from .cards import read_card, set_section
     from .data import load_split
+    from .evaluation import decision_threshold
     from .inference import serving_model
     from .models import load_model, predict_probabilities
 
@@ -301,8 +302,11 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     model_path = Path(model_path) if model_path else spec.model_path
     model = load_model(model_path, spec)
     card = read_card(model_path)
-    threshold = (card.get("decision") or {}).get("threshold")
-    target_sensitivity = ((card.get("training") or {}).get("config") or {}).get("target_sensitivity")
+    threshold = decision_threshold(card, spec, model_path.name)
+    # The sensitivity rule holds the copy to the target the card's threshold was chosen for; the registry's
+    # fallback was chosen for none.
+    target_sensitivity = ((card.get("training") or {}).get("config") or {}).get("target_sensitivity") \
+        if (card.get("decision") or {}).get("threshold") is not None else None
     graph, n_inputs = serving_model(model, features=None)
     if n_inputs != 1:
         raise ValueError("this model's graph has augmentation branches; re-save it with `ship` first")

@@ -396,7 +396,6 @@ REFERENCES = """
 
 SETUP = '''
     import hashlib
-    import json
     import logging
     import os
     import sys
@@ -537,7 +536,7 @@ VARIANT_HELPERS = '''
 
 
     def card_summary(card: dict) -> str:
-        val = card.get("val") or card.get("validation") or {}
+        val = card.get("validation") or {}
         test = card.get("test") or {}
         ci = test.get("ci95") or {}
         decision = card.get("decision") or {}
@@ -575,7 +574,7 @@ VARIANT_HELPERS = '''
                 print(f"No card at {rel(path)} yet: run `{command}` to produce it.")
                 RESULTS[variant] = None
                 return
-            card = json.loads(path.read_text())
+            card = cards.load_card_file(path)
             print(f"card: {rel(path)}, written by `{card['training'].get('command')}`")
         RESULTS[variant] = card
         display(Markdown(card_summary(card)))
@@ -602,7 +601,7 @@ CURVES_CODE = '''
                 card = RESULTS.get(variant) or {}
             else:
                 path = experiments.RUNS_DIR / TASK / f"{variant}.card.json"
-                card = json.loads(path.read_text()) if path.exists() else {}
+                card = cards.load_card_file(path) if path.exists() else {}
             history = (card.get("training") or {}).get("history")
             if history:
                 out[variant] = history
@@ -685,7 +684,7 @@ CHECK_CODE = '''
         print(f"Test metrics ({', '.join(CHECK_KEYS)}) match model card {rel(spec.card_path)} (within 1e-6).")
         source = experiments.card_file(TASK, shipped_card["variant"]) if shipped_card.get("variant") else None
         if source is not None and source.exists():
-            source_test = json.loads(source.read_text()).get("test") or {}
+            source_test = cards.load_card_file(source).get("test") or {}
             same = all(abs(source_test.get(key, np.nan) - card_test[key]) <= 1e-6 for key in CHECK_KEYS)
             print(f"The shipped card's test metrics {'are' if same else 'are NOT'} those of {rel(source)} "
                   "(the comparison row of the shipped variant).")

@@ -368,6 +368,30 @@ def test_model_that_cannot_load_gives_a_message(monkeypatch):
         st.cache_resource.clear()
 
 
+@pytest.mark.parametrize("error", [FileNotFoundError("model file model_blood.h5 not found"),
+                                   ValueError("MEDCLASSIFY_SERVING_PRECISION must be int8 or float\nmore")])
+def test_a_model_the_operator_must_fix_says_why(monkeypatch, error):
+    """Waiting does not bring back a missing model file or mend a bad setting: the page says which it is."""
+    import streamlit as st
+
+    from medclassify import inference
+
+    def broken(task, model_path=None):
+        raise error
+
+    st.cache_resource.clear()
+    monkeypatch.setattr(inference, "get_predictor", broken)
+    try:
+        at = AppTest.from_file(APP, default_timeout=60).run()
+        assert not at.exception and len(at.error) == 1
+        message = at.error[0].value
+        assert str(error).splitlines()[0] in message and "operator" in message and "\n" not in message
+        assert "try again later" not in message
+    finally:
+        monkeypatch.undo()
+        st.cache_resource.clear()
+
+
 def test_explainer_that_cannot_be_built_costs_only_the_overlay(monkeypatch):
     import streamlit as st
 

@@ -86,13 +86,28 @@ def test_awkward_files_never_raise(predictors, awkward_files, awkward_kinds):
             assert result.error and "\n" not in result.error
 
 
-def test_unexpected_exception_becomes_generic_error():
+def test_unexpected_exception_becomes_generic_error_and_a_logged_traceback(caplog):
+    import logging
+
     class Broken:
         def predict(self, source):
             raise RuntimeError("secret internal detail\nTraceback (most recent call last)")
 
-    result = aps.process_image(Broken(), "x.png", b"123")
-    assert result.error == "could not process this image (RuntimeError)"
+    with caplog.at_level(logging.ERROR, logger="medclassify.appsupport"):
+        result = aps.process_image(Broken(), "x.png", b"123")
+    assert result.error == "could not process this image (RuntimeError)"  # the detail is the log's
+    [record] = [r for r in caplog.records if r.name == "medclassify.appsupport"]
+    assert "'x.png'" in record.getMessage()
+    assert record.exc_info and record.exc_info[0] is RuntimeError
+
+
+def test_a_bad_upload_is_not_logged_as_a_failure(predictors, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        result = aps.process_image(predictors["blood"], "broken.png", b"garbage")
+    assert "not a recognised image" in result.error  # the user's news, not a bug:
+    assert not [r for r in caplog.records if r.name.startswith("medclassify")]
 
 
 def test_process_batch_keeps_order_and_isolates_bad_files(predictors):
@@ -133,6 +148,54 @@ def test_process_batch_survives_a_failing_model_call(predictors):
     items = [sample_bytes("blood", i) for i in range(3)] + [("bad.png", b"x")]
     results = aps.process_batch(Flaky(), items)
     assert [r.ok for r in results] == [True, True, True, False]
+
+
+def test_process_batch_logs_the_failure_it_recovers_from(predictors, caplog):
+    """The retry file by file hides the failure from the page, not from the log."""
+    import logging
+
+    real = predictors["blood"]
+
+    class Flaky:
+        def predict_many(self, sources, batch_size=64):
+            iterator = iter(sources)
+            yield "x", real.predict(next(iterator))
+            raise RuntimeError("model call failed")
+
+        def predict(self, source):
+            if source == b"worse":
+                raise ValueError("conv2d got a NaN")
+            return real.predict(source)
+
+    items = [sample_bytes("blood", i) for i in range(2)] + [("worse.png", b"worse")]
+    with caplog.at_level(logging.ERROR, logger="medclassify.appsupport"):
+        results = aps.process_batch(Flaky(), items)
+    assert [r.ok for r in results] == [True, True, False]
+    assert results[2].error == "could not process this image (ValueError)"
+    batch, single = [r for r in caplog.records if r.name == "medclassify.appsupport"]
+    assert "batch prediction failed after 1 of 3 files" in batch.getMessage()
+    assert batch.exc_info and str(batch.exc_info[1]) == "model call failed"
+    assert "'worse.png'" in single.getMessage() and single.exc_info[0] is ValueError
+
+
+def test_process_batch_passes_on_a_reading_error_with_its_text(predictors, monkeypatch, caplog):
+    import logging
+
+    from medclassify import inference
+
+    real_prepare = inference.prepare
+
+    def flaky_prepare(source, spec):
+        if source == b"odd":
+            raise KeyError("no tag (0028,0010)")
+        return real_prepare(source, spec)
+
+    monkeypatch.setattr(inference, "prepare", flaky_prepare)
+    items = [sample_bytes("blood", 0), ("odd.dcm", b"odd")]
+    with caplog.at_level(logging.WARNING, logger="medclassify.inference"):
+        results = aps.process_batch(predictors["blood"], items)
+    assert results[0].ok and results[1].error == "could not read image (KeyError: 'no tag (0028,0010)')"
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
 
 
 def test_first_prediction_is_fast(predictors):
@@ -219,6 +282,10 @@ def test_results_csv_round_trip():
     assert {r["model"] for r in rows} == {"model_breast (cnn_ens5, card 2026-11-27)"}
     assert {r["decision_rule"] for r in rows} == {rule} and "P(malignant) ≥ 0.200" in rule
     assert {r["note"] for r in rows} == {aps.DISCLAIMER}
+    fresh = {"name": "my_breast", "created": "2026-11-27"}  # a card from `train`: no variant
+    rows = list(csv.DictReader(io.StringIO(aps.results_csv(aps.results_table(results, "breast"), fresh, rule)
+                                           .decode("utf-8"))))
+    assert {r["model"] for r in rows} == {"my_breast (card 2026-11-27)"}
 
 
 def test_breast_wording_is_careful():
@@ -427,7 +494,9 @@ def test_serving_text_says_which_model_answers():
     assert "Grad-CAM explains the float model" in text
     # served in float (asked for, or the copy did not match its card): say so, whatever the card lists
     assert "float" in aps.serving_text(card, "float") and "int8" not in aps.serving_text(card, "float")
-    assert "float" in aps.serving_text({}, "int8")
+    assert "float" in aps.serving_text({}, "int8") and "results" not in aps.serving_text({}, "int8")
+    fresh = {"validation": {"accuracy": 0.9}, "test": None}  # a model just trained: no test evaluation yet
+    assert "validation results are shown above" in aps.serving_text(fresh, "float")
 
 
 def test_decision_text_and_training_command():

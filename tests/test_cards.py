@@ -18,7 +18,7 @@ from medclassify.cards import (
     set_section,
     write_card,
 )
-from medclassify.registry import TASKS, get_task
+from medclassify.registry import REPO_ROOT, TASKS, get_task
 
 TASK_NAMES = ("blood", "breast")
 
@@ -119,11 +119,42 @@ def test_add_evaluation(tiny_models, tmp_path):
     shutil.copyfile(card_path(tiny_models["breast"].path), card_path(model))
     add_evaluation(model, {"split": "test", "accuracy": 0.75}, "python -m medclassify evaluate --write-card")
     add_evaluation(model, {"split": "val", "accuracy": 0.5}, "cmd val")
-    card = read_card(model)
+    card = json.loads(card_path(model).read_text())
     assert card["test"] == {"split": "test", "accuracy": 0.75}
-    assert card["val"] == {"split": "val", "accuracy": 0.5}
+    assert card["validation"] == {"split": "val", "accuracy": 0.5} and "val" not in card  # one validation section
     assert card["evaluation_commands"] == {"test": "python -m medclassify evaluate --write-card", "val": "cmd val"}
     assert card["training"]  # the rest is kept
+
+
+def test_cards_with_a_second_validation_section_are_read_as_one(tmp_path):
+    """Schema-1 cards held the validation evaluation in ``val`` beside training's ``validation``."""
+    from medclassify.cards import load_card_file
+
+    legacy = tmp_path / "old.card.json"
+    legacy.write_text(json.dumps({"validation": {"accuracy": 0.5, "n": 78}, "val": {"accuracy": 0.5, "ci95": {}}}))
+    assert load_card_file(legacy) == {"validation": {"accuracy": 0.5, "n": 78, "ci95": {}}}
+    assert read_card(tmp_path / "old.h5") == load_card_file(legacy)
+
+
+def test_committed_cards_have_one_validation_section_and_no_machine_paths():
+    """No card in the repository names the machine it was made on, or keeps the old second ``val`` section."""
+    def strings(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    paths = sorted(REPO_ROOT.glob("model_*.card.json")) + sorted((REPO_ROOT / "results").rglob("*.card.json"))
+    assert len(paths) >= 4
+    for path in paths:
+        card = json.loads(path.read_text())
+        assert "val" not in card and "validation" in card, path.name
+        absolute = [text for text in strings(card) if text.startswith("/") or text.startswith(str(REPO_ROOT))]
+        assert not absolute, f"{path.name}: {absolute[:3]}"
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)

@@ -18,6 +18,7 @@ from medclassify.evaluation import (
     auc,
     compute_metrics,
     decide,
+    decision_threshold,
     evaluate,
     expected_calibration_error,
     reliability_curve,
@@ -47,10 +48,10 @@ def test_blood_metrics_match_sklearn():
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
     assert m["auc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
     for average in ("macro", "weighted"):
-        assert m["precision"][average] == pytest.approx(precision_score(labels, pred, average=average))
-        assert m["recall"][average] == pytest.approx(recall_score(labels, pred, average=average))
-        assert m["f1"][average] == pytest.approx(f1_score(labels, pred, average=average))
-        assert m[f"f1_{average}"] == m["f1"][average]
+        assert m[f"precision_{average}"] == pytest.approx(precision_score(labels, pred, average=average))
+        assert m[f"recall_{average}"] == pytest.approx(recall_score(labels, pred, average=average))
+        assert m[f"f1_{average}"] == pytest.approx(f1_score(labels, pred, average=average))
+    assert not {"precision", "recall", "f1"} & set(m)  # one key per number (no nested copies of the flat keys)
     assert m["confusion_matrix"] == confusion_matrix(labels, pred, labels=range(8)).tolist()
     assert m["n"] == 400
     assert list(m["per_class"]) == list(BLOOD.class_names)
@@ -229,3 +230,40 @@ def test_evaluate_saved_model(tiny_models, fixture_data_dir, task):
         assert m["threshold"] == pytest.approx(tiny.result.threshold)  # from the card, not 0.5
     val = evaluate(task, tiny.path, "val", fixture_data_dir)
     assert val["n"] == (96 if task == "blood" else 10)
+
+
+def test_decision_threshold_is_the_cards_else_the_registrys_and_says_so(capsys):
+    assert decision_threshold({"decision": {"threshold": 0.18}}, BREAST, "m.h5") == 0.18
+    assert decision_threshold({"decision": {"threshold": None}}, BLOOD, "m.h5") is None  # argmax: no threshold
+    assert decision_threshold({}, BLOOD, "m.h5") is None
+    assert capsys.readouterr().err == ""
+    for card in ({}, None, {"decision": {"threshold": None}}):
+        assert decision_threshold(card, BREAST, "m.h5") == BREAST.default_threshold
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1  # once per read
+        assert f"m.h5 has no threshold in its card; deciding at MedMNIST's {BREAST.default_threshold}" in err
+
+
+def test_evaluate_decides_at_the_registry_default_when_the_card_has_no_threshold(tiny_models, fixture_data_dir,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """Like Predictor, export and quantize: the registry's default, with the same warning."""
+    import dataclasses
+    import shutil
+
+    from medclassify import registry
+    from medclassify.models import load_model
+
+    model = tmp_path / "model_breast.h5"
+    shutil.copyfile(tiny_models["breast"].path, model)  # no card beside it
+    # a default other than 0.5 shows where the number comes from
+    monkeypatch.setitem(registry.TASKS, "breast", dataclasses.replace(registry.TASKS["breast"], default_threshold=0.4))
+    m = evaluate("breast", model, "val", fixture_data_dir)
+    assert "model_breast.h5 has no threshold in its card; deciding at MedMNIST's 0.4" in capsys.readouterr().err
+    assert m["threshold"] == 0.4
+    from medclassify.data import load_split
+    from medclassify.evaluation import predict_split
+
+    data = load_split("breast", "val", data_dir=fixture_data_dir)
+    probs = predict_split(load_model(model, get_task("breast")), data.images)
+    expected = np.where(probs[:, 0] >= 0.4, 0, 1)
+    assert m["confusion_matrix"] == confusion_matrix(data.labels, expected, labels=[0, 1]).tolist()

@@ -21,7 +21,7 @@ from medclassify.registry import TASKS, get_task
 
 
 def _card(variant: str, val: dict, test: dict, wall: float = 120.0) -> dict:
-    return {"variant": variant, "val": val, "test": test, "training": {"wall_time_s": wall}}
+    return {"variant": variant, "validation": val, "test": test, "training": {"wall_time_s": wall}}
 
 
 @pytest.fixture
@@ -201,10 +201,11 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     card = json.loads((results_dir / "breast" / "tiny.card.json").read_text())
     assert out["card"] == str(results_dir / "breast" / "tiny.card.json")
     assert card["variant"] == "tiny" and "history" not in card["training"]
-    for split in ("val", "test"):
-        assert card[split]["split"] == split and 0.0 <= card[split]["auc"] <= 1.0
-        assert "auc" in card[split]["ci95"]
-    assert out["val"]["auc"] == card["val"]["auc"]
+    for split, section in (("val", "validation"), ("test", "test")):
+        assert card[section]["split"] == split and 0.0 <= card[section]["auc"] <= 1.0
+        assert "auc" in card[section]["ci95"]
+    assert "val" not in card  # one validation section: the evaluation's replaces training's
+    assert out["val"]["auc"] == card["validation"]["auc"]
     assert set(out) == {"card", "val"}  # test metrics stay in the card: variants are compared on validation
     assert (results_dir.parent / "runs" / "breast" / "tiny.h5").exists()
 
@@ -239,7 +240,7 @@ def test_a_shortened_experiment_is_a_trial_that_report_leaves_out(results_dir, f
         task="breast", epochs=2, widths=(8, 16), batch_size=32, verbose=0))
     real = results_dir / "breast" / "tiny.card.json"
     real.parent.mkdir(parents=True)
-    real.write_text(json.dumps({"variant": "tiny", "val": {"auc": 0.5}, "test": {"auc": 0.5}}))
+    real.write_text(json.dumps({"variant": "tiny", "validation": {"auc": 0.5}, "test": {"auc": 0.5}}))
     before = real.read_text()
     code = main(["experiment", "--task", "breast", "--variant", "tiny", "--data-dir", str(fixture_data_dir),
                  "--limit", "30", "--epochs", "1", "--bootstrap", "20"])
@@ -312,7 +313,7 @@ def test_shipped_variant_is_the_validation_choice(task):
     for path in sorted((experiments.RESULTS_DIR / task).glob("*.card.json")):
         if "_seed" not in path.name:
             card = json.loads(path.read_text())
-            scores[card.get("variant", path.stem)] = card["val"][key]
+            scores[card.get("variant", path.stem)] = card["validation"][key]
     shipped = experiments.SHIPPED[task]
     assert shipped in scores, f"no results card for the shipped variant {shipped}"
     best = max(scores, key=scores.get)

@@ -247,6 +247,38 @@ def test_a_breast_model_without_a_threshold_decides_at_0_5_and_says_so(tiny_mode
     assert probs.shape == (8, 2)
 
 
+def test_predictor_decides_with_the_rule_the_metrics_use():
+    """``Predictor._decide`` is ``evaluation.decide``: the card's metrics describe what is served."""
+    from medclassify.evaluation import decide
+
+    rng = np.random.default_rng(0)
+    for task, threshold in (("blood", None), ("breast", 0.3), ("breast", 0.5)):
+        spec = get_task(task)
+        probs = rng.dirichlet(np.ones(spec.num_classes), 200)
+        if spec.decision == "threshold":
+            probs[:3, spec.positive_class] = threshold  # on the threshold: positive
+            probs[:3, 1 - spec.positive_class] = 1 - threshold
+        predictor = types.SimpleNamespace(spec=spec, threshold=threshold)
+        assert [Predictor._decide(predictor, row) for row in probs] == decide(spec, probs, threshold).tolist()
+
+
+def test_export_of_a_breast_model_without_a_threshold_decides_at_0_5_and_says_so(tiny_models, tmp_path, capsys):
+    import shutil
+
+    import tensorflow as tf
+
+    from medclassify.inference import export_savedmodel
+
+    model = tmp_path / "model_breast.h5"
+    shutil.copyfile(tiny_models["breast"].path, model)  # no card beside it
+    version = export_savedmodel("breast", tmp_path / "serving", model)
+    assert "model_breast.h5 has no threshold in its card; deciding at MedMNIST's 0.5" in capsys.readouterr().err
+    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
+    out = serve(image=tf.constant(random_batch("breast", n=16).astype(np.float32)))
+    expected = np.where(out["probabilities"].numpy()[:, 0] >= 0.5, 0, 1)
+    assert out["class_index"].numpy().tolist() == expected.tolist()
+
+
 def test_get_predictor_caches(tiny_models):
     path = str(tiny_models["blood"].path)
     first = get_predictor("blood", path)
@@ -321,6 +353,46 @@ def test_predict_many_reads_lazily(predictors, fixture_images):
     stream.close()  # stopping early shuts the prefetch thread down
     assert not [t for t in threading.enumerate() if t.name.startswith("medclassify-prepare")
                 and t.is_alive()]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_an_unexpected_reading_error_is_one_line_with_its_text_and_logged(predictors, fixture_images, monkeypatch,
+                                                                          caplog, prefetch):
+    """Not an ImageError (a reader bug, say): the user gets its gist in one line, the log the traceback."""
+    import logging
+
+    from medclassify import inference
+
+    real_prepare = inference.prepare
+
+    def flaky_prepare(source, spec):
+        if isinstance(source, bytes) and source == b"odd":
+            raise KeyError("no tag (0028,0010)")
+        if isinstance(source, bytes) and source == b"odder":
+            raise RuntimeError("decoder state lost\nTraceback (most recent call last): ...")
+        return real_prepare(source, spec)
+
+    monkeypatch.setattr(inference, "prepare", flaky_prepare)
+    good = task_images(fixture_images, "blood")[0]
+    with caplog.at_level(logging.WARNING, logger="medclassify.inference"):
+        results = [outcome for _, outcome in predictors["blood"].predict_many([good, b"odd", b"odder"],
+                                                                               prefetch=prefetch)]
+    assert isinstance(results[0], Prediction)
+    assert results[1] == "could not read image (KeyError: 'no tag (0028,0010)')"
+    assert results[2] == "could not read image (RuntimeError: decoder state lost)"
+    records = [r for r in caplog.records if r.name == "medclassify.inference"]
+    assert len(records) == 2 and all(r.exc_info for r in records)
+    assert "bytes" in records[0].getMessage() and "odd" not in records[0].getMessage()  # never the upload itself
+
+
+def test_exception_gist_is_short_and_one_line():
+    from medclassify.inference import GIST_CHARS, exception_gist
+
+    assert exception_gist(ValueError()) == "ValueError"
+    assert exception_gist(OSError("first\nsecond")) == "OSError: first"
+    long = exception_gist(RuntimeError("x" * 500))
+    assert long.startswith("RuntimeError: x") and long.endswith("…")
+    assert len(long) == len("RuntimeError: ") + GIST_CHARS
 
 
 def test_predict_many_rejects_bad_batch_size(predictors):

@@ -136,6 +136,38 @@ def test_fit_ood_on_a_tiny_model(tiny_models, fixture_data_dir, task):
     assert max(detector.distances(far)[0], detector.distances(noise)[0]) > detector.threshold
 
 
+def test_for_model_takes_the_image_rules_limits_from_the_card(tmp_path):
+    """The card records the limits its rules were fitted with; those, not today's constants, decide."""
+    dummy = np.zeros((1, 4))
+    flat = _prepared(np.full((28, 28), 120, np.uint8), "breast")
+    lenient = OODDetector.for_model(BREAST, tmp_path / "none.h5", {"ood": {"blank_max_std": 0.0}})
+    assert not lenient.check(flat, None, dummy).flagged
+    coloured = _prepared(colourful(), "breast")
+    tolerant = OODDetector.for_model(BREAST, tmp_path / "none.h5", {"ood": {"grayscale_max_colourfulness": 1e6}})
+    assert not tolerant.check(coloured, None, dummy).flagged
+    # blood without its own min_colourfulness falls back to the card's grayscale limit
+    image = _prepared(colourful(), "blood")
+    strict = OODDetector.for_model(BLOOD, tmp_path / "none.h5",
+                                   {"ood": {"grayscale_max_colourfulness": image.colourfulness + 1}})
+    assert strict.check(image, None, dummy).flagged
+    # a card from before the limits were recorded (or that records null) gets the constants
+    for settings in ({}, {"blank_max_std": None, "grayscale_max_colourfulness": None}):
+        detector = OODDetector.for_model(BREAST, tmp_path / "none.h5", {"ood": settings})
+        assert (detector.blank_max_std, detector.grayscale_max_colourfulness) == \
+            (BLANK_MAX_STD, GRAYSCALE_MAX_COLOURFULNESS)
+        assert detector.check(flat, None, dummy).flagged and detector.check(coloured, None, dummy).flagged
+
+
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_shipped_cards_hold_the_constants(task):
+    """Reading the limits from the card changed nothing for the shipped models."""
+    import json
+
+    settings = json.loads(get_task(task).card_path.read_text())["ood"]
+    assert settings["blank_max_std"] == BLANK_MAX_STD
+    assert settings["grayscale_max_colourfulness"] == GRAYSCALE_MAX_COLOURFULNESS
+
+
 def test_for_model_without_statistics(tmp_path):
     detector = OODDetector.for_model(BLOOD, tmp_path / "none.h5", {})
     assert detector.means is None and detector.threshold is None

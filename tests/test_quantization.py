@@ -153,6 +153,28 @@ def test_quantize_refuses_a_copy_that_breaks_the_breast_sensitivity_target(tiny_
     assert not quantization.quantized_path(path).exists()
 
 
+def test_quantize_judges_a_breast_card_without_a_threshold_at_the_registry_default(tiny_models, fixture_data_dir,
+                                                                                   tmp_path, monkeypatch, capsys):
+    """The copy is compared at the threshold Predictor would serve, and held to no sensitivity target: the
+    registry's fallback was chosen for none."""
+    path = _copy_model(tiny_models["breast"].path, tmp_path / "model")
+    card = read_card(path)
+    card["decision"]["threshold"] = None
+    card["training"]["config"]["target_sensitivity"] = 0.9
+    card_path(path).write_text(json.dumps(card))
+    seen = []
+
+    def record(spec, labels, float_probs, int8_probs, threshold, target_sensitivity):
+        seen.append((threshold, target_sensitivity))
+        return "stop here"
+
+    monkeypatch.setattr(quantization, "refusal", record)
+    with pytest.raises(ValueError, match="stop here"):
+        quantization.quantize("breast", path, str(fixture_data_dir))
+    assert seen == [(get_task("breast").default_threshold, None)]
+    assert f"{path.name} has no threshold in its card; deciding at MedMNIST's 0.5" in capsys.readouterr().err
+
+
 def test_refusal_gives_the_first_rule_the_copy_breaks():
     spec = get_task("breast")  # label 0 = malignant is the positive class; the decision is P(malignant) >= t
     labels = np.array([0] * 10 + [1] * 90)
