@@ -102,7 +102,7 @@ def sample_items(task: str) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     gallery = st.expander("Sample gallery: pick another image") if chosen else st.container()
     with gallery:
         st.caption("Images from the official MedMNIST **test** split (never used for training), the first "
-                   "of each class in the split's order; the true class is under each image. Click **Try** to "
+                   "few of each class in the split's order; the true class is under each image. Click **Try** to "
                    "classify one. They were not picked to flatter the model: it gets some wrong, and a few "
                    "get the 'unlike the training data' warning, as its test numbers predict.")
         per_row = 8
@@ -153,7 +153,7 @@ def probability_chart(prediction, spec):
         tooltip=[alt.Tooltip("class:N"), alt.Tooltip("probability:Q", format=".3f")],
     )
     bars = base.mark_bar(color="#4c78a8")
-    labels = base.mark_text(align="left", dx=3).encode(text=alt.Text("probability:Q", format=".1%"))
+    labels = base.mark_text(align="left", dx=3).encode(text=alt.Text("shown:N"))
     return (bars + labels).properties(height=max(140, 28 * len(spec.class_names) + 40))
 
 
@@ -176,8 +176,7 @@ def threshold_chart(prediction, spec):
 
 
 def show_model_view(prediction, data: bytes | None) -> None:
-    st.image(aps.upscale(prediction.model_input, 196), width=196,
-             caption="What the model saw: the 28×28 px input, enlarged with nearest neighbour")
+    st.image(aps.upscale(prediction.model_input, 196), width=196, caption=aps.model_view_caption(prediction))
     if data is not None:
         original = _preview(data, get_task(prediction.task).background)
         if original is not None:
@@ -195,7 +194,8 @@ def show_gradcam(prediction, task: str, key: str) -> None:
 
         heatmap = load_explainer(task)(prediction.model_input, prediction.class_index)
         st.image(overlay(prediction.model_input, heatmap, opacity, size=196), width=196,
-                 caption=f"Grad-CAM for '{prediction.label}': warm colours influenced the model most")
+                 caption=f"Grad-CAM for '{prediction.label}': warm colours influenced the model most. A coarse "
+                         "map of where its evidence lay, not an outline of a cell or lesion.")
     except Exception:
         log.exception("Grad-CAM failed")
         st.caption("The Grad-CAM explanation is not available for this image.")
@@ -209,8 +209,9 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
     prediction = result.prediction
     if prediction.ood:
         reasons = "\n".join(f"- {reason}" for reason in prediction.warnings)
+        hint = f"\n\n{aps.CROP_HINT}" if aps.was_centre_cropped(prediction) else ""
         st.warning(f"**Unlike the training data — no reliable answer** ({result.name})\n\n{aps.UNRELIABLE}\n\n"
-                   f"{reasons}\n\nThe {spec.title.lower()} classifier expects: {spec.expected_input}",
+                   f"{reasons}\n\nThe {spec.title.lower()} classifier expects: {spec.expected_input}{hint}",
                    icon=":material/warning:")
         left, right = st.columns([1, 2])
         with left:
@@ -243,7 +244,7 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         if close:
             st.warning(close + " Treat this answer as uncertain.", icon=":material/balance:")
         st.caption(f"Calibrated probability of '{prediction.label}': {aps.percent(aps.confidence(prediction))}. "
-                   "A model's suggestion for research and education, not a diagnosis.")
+                   f"A model's suggestion for research and education, not a diagnosis. {aps.BLOOD_SCOPE_NOTE}")
     col_input, col_cam, col_probs = st.columns([1, 1, 1.4])
     with col_input:
         show_model_view(prediction, data)

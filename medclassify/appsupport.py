@@ -39,8 +39,20 @@ BREAST_NEGATIVE = "Not flagged by this model"
 BREAST_NOT_RULED_OUT = "This does not rule out malignancy."
 BREAST_NOTE = (
     "P(malignant) is compared with the model's threshold, which was chosen on the validation split to miss "
-    "few malignant images, so many benign images are flagged too. This is not a diagnosis: only a qualified "
-    "clinician with the full examination can assess a lesion."
+    "few malignant images, so some benign images are flagged too. 'normal/benign' is one class: the model does "
+    "not tell normal tissue from a benign lesion. This is not a diagnosis: only a qualified clinician with the "
+    "full examination can assess a lesion."
+)
+#: What the blood model cannot say, next to every blood answer (the card's limitations say it at length).
+BLOOD_SCOPE_NOTE = (
+    "It knows only the 8 normal cell types of healthy donors: an abnormal cell (a leukaemic blast, say) still "
+    "gets one of these names."
+)
+#: Why a full-size blood image may look unlike the training data: the crop that MedMNIST's source images got.
+CROP_HINT = (
+    "Full-size images are cut to their centre as MedMNIST cut its 360×363 source images, which show one cell "
+    "filling about half the frame. A cell photographed closer, farther or at another magnification looks "
+    "different to the model: compare 'What the model saw' with your image."
 )
 #: Why the breast chart of both probabilities must not be read by its larger bar.
 BREAST_CHART_NOTE = "The decision compares P(malignant) with the threshold above, not with 50%."
@@ -172,7 +184,8 @@ def breast_test_record(card: dict, precision: str) -> str:
     malignant, benign = int(counts[spec.positive_class]), int(counts[1 - spec.positive_class])
     caught = round(float(served["sensitivity"]) * malignant)
     false_flags = benign - round(float(served["specificity"]) * benign)
-    return (f"On the official test split this model flagged {caught} of {malignant} malignant images and "
+    answering = "the int8 copy answering here" if served is not test else "this model"  # About shows the float's
+    return (f"On the official test split {answering} flagged {caught} of {malignant} malignant images and "
             f"{false_flags} of {benign} benign ones" + (": it misses some malignant images." if caught < malignant
                                                        else "."))
 
@@ -185,6 +198,26 @@ def percent(p: float) -> str:
     if p < 0.001:
         return "<0.1%"
     return f"{p:.1%}"
+
+
+def model_view_caption(prediction) -> str:
+    """What 'What the model saw' shows: the whole thumbnail, or the centre crop of a full-size image."""
+    from .preprocessing import centre_crop_share
+
+    spec = get_task(prediction.task)
+    size = spec.image_size
+    share = centre_crop_share(prediction.source_size, spec) if prediction.source_size else None
+    if share:
+        width, height = prediction.source_size
+        return (f"What the model saw: the centre {share:.0%} of your {width}×{height} image (MedMNIST's crop), "
+                f"reduced to {size}×{size} px and enlarged here")
+    return f"What the model saw: the {size}×{size} px input, enlarged with nearest neighbour"
+
+
+def was_centre_cropped(prediction) -> bool:
+    from .preprocessing import centre_crop_share
+
+    return bool(prediction.source_size and centre_crop_share(prediction.source_size, get_task(prediction.task)))
 
 
 def close_call(prediction) -> Optional[str]:
@@ -204,8 +237,9 @@ def prediction_markdown(prediction) -> str:
 def probabilities_frame(prediction):
     import pandas as pd
 
-    return pd.DataFrame({"class": list(prediction.probabilities),
-                         "probability": [float(p) for p in prediction.probabilities.values()]})
+    probabilities = [float(p) for p in prediction.probabilities.values()]
+    return pd.DataFrame({"class": list(prediction.probabilities), "probability": probabilities,
+                         "shown": [percent(p) for p in probabilities]})  # the bars' labels say what the text says
 
 
 def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: Optional[dict[str, str]] = None):

@@ -88,6 +88,7 @@ class Prediction:
     p_positive: Optional[float] = None  # breast: P(malignant)
     threshold: Optional[float] = None
     ood_score: Optional[float] = None
+    source_size: Optional[tuple[int, int]] = None  # (width, height) of the image as uploaded
 
     def to_json(self, file: Optional[str] = None) -> dict:
         out = {}
@@ -382,6 +383,7 @@ class Predictor:
             p_positive=float(probs[self.spec.positive_class]) if self.spec.positive_class is not None else None,
             threshold=self.threshold,
             ood_score=verdict.score,
+            source_size=prepared.original_size,
         )
 
     def predict(self, source: ImageLike) -> Prediction:

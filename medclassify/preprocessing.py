@@ -37,6 +37,8 @@ MIN_SIDE = 8
 #: JPEG's own scaled decoding) to a shorter side of at least this.  The 28-px model input stays the same to
 #: within a grey level or two, and a 7000x7000 upload no longer takes gigabytes to convert.
 WORKING_SIDE = 1024
+#: Key of ``Image.info`` that says by what factor a JPEG was decoded smaller than it is stored.
+DECODE_SCALE = "medclassify_decode_scale"
 #: A 16-bit PNG or TIFF whose brightest value is below this uses at most 14 of its 16 bits: almost surely
 #: 10- to 14-bit data stored without the scaling the formats ask for, which would be read several times
 #: too dark.  (A real 8-bit picture in 16 bits reaching only 25% grey is no cell or ultrasound image.)
@@ -83,7 +85,9 @@ def decode_image(source: ImageLike) -> Image.Image:
                 image.seek(0)  # animated GIF/PNG/WebP: first frame
                 if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * WORKING_SIDE:
                     scale = WORKING_SIDE / min(image.size)  # JPEG decodes at 1/2, 1/4 or 1/8 size for free
+                    full_width = image.width
                     image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+                    image.info[DECODE_SCALE] = full_width / image.width  # what the file holds, for the page
                 image.load()
                 _refuse_unscaled_low_bits(image, _stored_depth(image, data))
         except ImageError:
@@ -96,7 +100,9 @@ def decode_image(source: ImageLike) -> Image.Image:
                 raise ImageError(f"image file is damaged: it starts like a {kind} file but cannot be read") from None
             raise ImageError("not a recognised image file (png, jpg, bmp, tif, webp, gif or dcm)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError(f"image file is damaged or truncated ({_first_line(exc)})") from None
+            # Pillow's own "image file is truncated (16 bytes not processed)" keeps only its news
+            detail = _first_line(exc).removeprefix("image file is truncated").strip().strip("()")
+            raise ImageError("image file is damaged or truncated" + (f" ({detail})" if detail else "")) from None
     _check_dimensions(image.size)
     try:
         ImageOps.exif_transpose(image, in_place=True)
@@ -450,12 +456,23 @@ def to_mode(image: Image.Image, channels: int, background: int = 255) -> Image.I
     return image
 
 
+def is_medmnist_thumbnail(size: tuple[int, int]) -> bool:
+    """A square MedMNIST(+) size: already cropped, so only resized."""
+    width, height = size
+    return width == height and width in MEDMNIST_SIZES
+
+
+def centre_crop_share(size: tuple[int, int], spec: TaskSpec) -> float | None:
+    """The share of the shorter side that MedMNIST's centre crop keeps of an image this size, or None."""
+    return None if is_medmnist_thumbnail(size) or not spec.source_center_crop else spec.source_center_crop
+
+
 def medmnist_geometry(image: Image.Image, spec: TaskSpec) -> Image.Image:
     """Crop and resize as MedMNIST did for this dataset's source images."""
     width, height = image.size
     size = spec.image_size
-    is_thumbnail = width == height and width in MEDMNIST_SIZES
-    if not is_thumbnail and spec.source_center_crop:
+    is_thumbnail = is_medmnist_thumbnail(image.size)
+    if centre_crop_share(image.size, spec):
         side = max(1, round(min(width, height) * spec.source_center_crop))
         if side < size:
             raise ImageError(f"image is too small ({width}x{height}): the centre crop MedMNIST takes of "
@@ -491,7 +508,8 @@ def prepare(source: ImageLike, task: str | TaskSpec) -> Prepared:
     """
     spec = get_task(task) if isinstance(task, str) else task
     decoded = decode_image(source)
-    original_size, original_mode = decoded.size, decoded.mode  # as decoded, before any shrinking
+    scale = decoded.info.get(DECODE_SCALE, 1)  # as the file holds it: before scaled decoding and any shrinking
+    original_size, original_mode = (round(decoded.width * scale), round(decoded.height * scale)), decoded.mode
     image = _shrink(decoded)
     try:
         # Reduce in RGB first so the modality check sees the colour the user sent.

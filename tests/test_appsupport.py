@@ -75,6 +75,14 @@ def test_bad_file_gives_one_line_error(predictors, data, expected):
     assert not result.ok
     assert expected in result.error
     assert "\n" not in result.error and "Traceback" not in result.error
+    assert result.error.count("truncated") <= 1  # not "damaged or truncated (image file is truncated (...))"
+
+
+def test_a_truncated_jpeg_says_so_once(predictors):
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8)).save(jpeg, "JPEG")
+    result = aps.process_image(predictors["blood"], "cut.jpg", jpeg.getvalue()[:jpeg.tell() // 2])
+    assert result.error.startswith("image file is damaged or truncated") and result.error.count("truncated") == 1
 
 
 def test_awkward_files_never_raise(predictors, awkward_files, awkward_kinds):
@@ -325,7 +333,8 @@ def test_breast_test_record_counts_what_the_answering_model_caught():
         "On the official test split this model flagged 34 of 42 malignant images and 11 of 114 benign ones: "
         "it misses some malignant images.")
     served = {**CARD, "serving": {"test": {"int8_metrics": {"sensitivity": 36 / 42, "specificity": 101 / 114}}}}
-    assert "flagged 36 of 42 malignant images and 13 of 114 benign" in aps.breast_test_record(served, "int8")
+    assert ("the int8 copy answering here flagged 36 of 42 malignant images and 13 of 114 benign"
+            in aps.breast_test_record(served, "int8"))  # not the float model's counts, which About shows
     assert "flagged 34 of 42" in aps.breast_test_record(served, "float")  # the float model answers
     assert aps.breast_test_record({"test": {"accuracy": 0.9}}, "int8") == ""
     perfect = {**CARD, "test": {**CARD["test"], "sensitivity": 1.0}}
@@ -352,6 +361,30 @@ def test_probabilities_frame():
     frame = aps.probabilities_frame(fake_prediction("blood", 3, p=0.65))
     assert list(frame["class"]) == list(get_task("blood").class_names)
     assert frame["probability"].sum() == pytest.approx(1.0)
+    assert frame["shown"][3] == "65.0%"
+    sure = aps.probabilities_frame(fake_prediction("blood", 3, p=0.99996))
+    assert sure["shown"][3] == ">99.9%" and set(sure["shown"].drop(3)) == {"<0.1%"}  # as the text says it
+
+
+@pytest.mark.parametrize("task, size, cropped", [("blood", (360, 363), True), ("blood", (4032, 3024), True),
+                                                 ("blood", (28, 28), False), ("blood", (224, 224), False),
+                                                 ("breast", (500, 500), False), ("breast", (28, 28), False)])
+def test_model_view_caption_says_when_the_centre_was_cropped(task, size, cropped):
+    """A full-size blood image is cut to its centre 200/360 as MedMNIST's were: the page must say so, or a user
+    comparing the two pictures cannot tell why the model's looks zoomed in."""
+    prediction = fake_prediction(task)
+    prediction.source_size = size
+    caption = aps.model_view_caption(prediction)
+    assert aps.was_centre_cropped(prediction) == cropped
+    assert (f"centre 56% of your {size[0]}×{size[1]} image" in caption) == cropped
+    assert "28×28" in caption
+    prediction.source_size = None  # a prediction made before the size was kept
+    assert not aps.was_centre_cropped(prediction) and "28×28 px input" in aps.model_view_caption(prediction)
+
+
+def test_predictions_keep_the_uploads_size(predictors):
+    prediction = predictors["blood"].predict(Image.fromarray(np.full((363, 360, 3), 200, np.uint8)))
+    assert prediction.source_size == (360, 363)
 
 
 def test_upscale_is_nearest_neighbour():

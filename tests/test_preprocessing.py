@@ -844,6 +844,13 @@ def test_dicom_data_set_without_file_meta_is_read(tmp_path, implicit_vr):
 
 # --------------------------------------------------------------------------- large, small and damaged files
 
+def test_the_upload_size_is_the_files_even_when_a_jpeg_decodes_smaller():
+    """A phone JPEG decodes at a fraction of its size; the page still names the size the user's file has."""
+    jpeg = io.BytesIO()
+    Image.fromarray(gradient(4200, 2200)).save(jpeg, "JPEG", quality=80)
+    prepared = prepare(jpeg.getvalue(), "blood")
+    assert prepared.original_size == (4200, 2200)
+
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_large_images_are_shrunk_first_without_changing_the_model_input(task):
     """A 7000x7000 upload of a few hundred KB once needed 1.7 GB to convert; now it is shrunk by a whole
