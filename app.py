@@ -65,7 +65,7 @@ def choose_task() -> str:
 
 def upload_items() -> list[tuple[str, bytes]]:
     files = st.file_uploader(
-        "Upload one or more images (png, jpg, bmp, tif, webp, gif or DICOM .dcm)",
+        aps.UPLOAD_LABEL,
         type=list(aps.UPLOAD_TYPES),
         accept_multiple_files=True,
         key="upload",

@@ -17,13 +17,14 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .inference import NO_ANSWER
-from .preprocessing import ImageError
+from .preprocessing import FORMATS_TEXT, IMAGE_SUFFIXES, ImageError
 from .registry import REPO_ROOT, TaskSpec, get_task
 
 SAMPLE_DIR = REPO_ROOT / "sample_images"
 
 #: File types the uploader accepts (``preprocessing`` decodes all of them).
-UPLOAD_TYPES = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm")
+UPLOAD_TYPES = IMAGE_SUFFIXES
+UPLOAD_LABEL = f"Upload one or more images ({FORMATS_TEXT})"
 
 DISCLAIMER = (
     "Research and education software: not a medical device. It must not be used for diagnosis, "

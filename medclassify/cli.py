@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from .experiments import VARIANTS
 from .models import AUGMENTATION_POLICIES, MODEL_KINDS
-from .registry import TASKS
+from .preprocessing import IMAGE_SUFFIXES as IMAGE_ENDINGS
+from .registry import TASKS, get_task
+
+#: What a folder walk picks up (a file named on the command line is read whatever its name).
+IMAGE_SUFFIXES = {f".{ending}" for ending in IMAGE_ENDINGS}
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -328,14 +333,152 @@ def _print_metrics(m: dict) -> None:
         print("  " + " ".join(f"{v:5d}" for v in row))
 
 
-def _predict(args) -> int:
-    from .inference import run_predict_cli
+# --------------------------------------------------------------------------- predict: inputs and output
 
-    return run_predict_cli(args)
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _walk_images(folder: str | os.PathLike) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if _is_image_name(name):
+                yield os.path.join(root, name)
+
+
+def expand_paths(patterns: Iterable[str]) -> Iterator[str]:
+    """Files, folders and glob patterns -> image file paths, lazily and in a stable order.
+
+    * a file is yielded as given (whatever its suffix: it was named on purpose);
+    * a folder yields its image files (``IMAGE_SUFFIXES``), recursively, sorted
+      by name within each folder; hidden files and folders are skipped;
+    * a glob (``*``, ``?``, ``[...]``, ``**`` recursive) yields the image files
+      it matches, sorted, and the image files inside any folders it matches;
+    * a pattern that matches nothing is yielded as it is, so it is reported as
+      missing ("no such file").
+    """
+    for pattern in patterns:
+        pattern = os.fspath(pattern)
+        path = Path(pattern)
+        if path.is_dir():
+            yield from _walk_images(path)
+        elif path.exists():
+            yield str(path)
+        else:
+            found = False
+            for match in sorted(glob.iglob(pattern, recursive=True)):
+                if os.path.isdir(match):
+                    for file in _walk_images(match):
+                        found = True
+                        yield file
+                elif os.path.isfile(match) and _is_image_name(os.path.basename(match)):
+                    found = True
+                    yield match
+            if not found:
+                yield pattern
+
+
+def _count(iterator: Iterable) -> int:
+    return sum(1 for _ in iterator)
+
+
+def _one_field(text: str) -> str:
+    """``text`` with control characters (newline, tab, escape, ...) and Unicode line breaks written as Python
+    escapes (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``), so that a file name keeps the text output at one
+    tab-separated line per file."""
+    import unicodedata
+
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+                   else ch for ch in text)
+
+
+def _error_text(source: str, error: str) -> str:
+    """The error of one input as the CLI reports it: a glob that matched nothing is not a missing file."""
+    if error.startswith("no such file") and glob.has_magic(source):
+        return f"no file matches {source}"
+    return error
+
+
+def _predict(args) -> int:
+    """``python -m medclassify predict``: stream results, one line per input file.
+
+    ``args``: ``task``, ``model`` (or None), ``json``, ``batch_size``,
+    ``no_progress``, ``paths``.  With ``--json`` each line is one JSON object,
+    ``{"file", "task", "label", "class_index", "probabilities", "ood",
+    "warnings"}`` (breast also ``p_malignant``, ``threshold``) or ``{"file",
+    "error"}``.  A progress bar goes to stderr.  Returns 0 when every file was
+    classified, 1 when any failed (or none was found), 2 on usage errors.
+    """
+    from .inference import DEFAULT_BATCH_SIZE, NO_ANSWER, Predictor
+
+    spec = get_task(args.task)
+    batch_size = getattr(args, "batch_size", None)
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {batch_size}", file=sys.stderr)
+        return 2
+    try:  # a missing --model was reported by main, before TensorFlow was imported
+        predictor = Predictor(spec, getattr(args, "model", None))
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"error: cannot load the {spec.name} model: {exc}", file=sys.stderr)
+        return 1
+    progress = None
+    if not getattr(args, "no_progress", False):
+        from tqdm import tqdm
+
+        # Counting walks the folders once more but holds nothing: memory stays flat.
+        total = _count(expand_paths(args.paths))
+        progress = tqdm(total=total, unit="img", file=sys.stderr, desc=f"predict {spec.name}",
+                        mininterval=0.5, dynamic_ncols=True)
+    as_json = getattr(args, "json", False)
+    seen = failed = 0
+    out = sys.stdout
+    try:  # a file name that is not valid UTF-8 must not end the run with a traceback
+        out.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
+    try:
+        for source, result in predictor.predict_many(expand_paths(args.paths), batch_size=batch_size):
+            seen += 1
+            if isinstance(result, str):
+                failed += 1
+                error = _error_text(source, result)
+                line = (json.dumps({"file": source, "error": error}) if as_json
+                        else f"{_one_field(source)}\terror: {_one_field(error)}")
+            elif as_json:
+                line = json.dumps(result.to_json(file=source))
+            elif result.ood:  # as in the app: an image unlike the training data gets no answer, only the reason
+                line = f"{_one_field(source)}\t{NO_ANSWER}\t-\tWARNING: " + "; ".join(result.warnings)
+            elif result.p_positive is not None:  # thresholded: the label's own probability can be under 50%
+                positive = spec.class_names[spec.positive_class]
+                line = (f"{_one_field(source)}\t{result.label}\tP({positive})={result.p_positive:.3f}"
+                        f"\tthreshold={result.threshold:.3f}")
+            else:
+                line = f"{_one_field(source)}\t{result.label}\t{result.probabilities[result.label]:.3f}"
+            out.write(line + "\n")
+            if seen % batch_size == 0:
+                out.flush()
+            if progress is not None:
+                progress.update(1)
+        out.flush()
+    except BrokenPipeError:  # e.g. `... | head`: stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    finally:
+        if progress is not None:
+            progress.close()
+    if seen == 0:
+        print("error: no image files found in " + " ".join(map(str, args.paths)), file=sys.stderr)
+        return 1
+    return 1 if failed else 0
 
 
 def _export(args) -> int:
-    from .inference import export_savedmodel
+    from .export import export_savedmodel
 
     try:
         out = export_savedmodel(args.task, args.out, args.model)

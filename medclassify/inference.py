@@ -24,13 +24,11 @@ checked against the Keras outputs at load; when it cannot be built or
 disagrees, TensorFlow is used.  Float batches stay on TensorFlow (same
 throughput, and one graph for any N).
 
-The app (``get_predictor``), the CLI (``run_predict_cli``), ``fit_ood`` and the
+The app (``get_predictor``), the CLI (``cli._predict``), ``fit_ood`` and the
 benchmarks (``benchmarks/benchmark.py``) all go through ``Predictor``.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 import sys
@@ -51,7 +49,6 @@ from .registry import TaskSpec, get_task
 THREADS_ENV = "MEDCLASSIFY_TF_INTRA_OP_THREADS"
 SINGLE_RUNTIME_ENV = "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME"  # "tflite" (default) or "tensorflow"
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"}
 FEATURE_LAYER = "pool"
 #: What the CLI and the app say instead of a label for an image unlike the training data.
 NO_ANSWER = "no reliable answer"
@@ -291,9 +288,7 @@ class Predictor:
         _configure_threads_once()
         self.spec = get_task(task) if isinstance(task, str) else task
         self.model_path = Path(model_path) if model_path else self.spec.model_path
-        if not self.model_path.exists():
-            raise FileNotFoundError(f"model file {self.model_path} not found")
-        self.model = load_model(self.model_path, self.spec)
+        self.model = load_model(self.model_path, self.spec)  # a missing file: FileNotFoundError, said there
         self.card = read_card(self.model_path)
         self.threshold = decision_threshold(self.card, self.spec, self.model_path.name)
         self._serving_model, self._serving_inputs = serving_model(self.model)
@@ -476,226 +471,3 @@ def get_predictor(task: str, model_path: Optional[str] = None) -> Predictor:
         if key not in _PREDICTORS:
             _PREDICTORS[key] = Predictor(spec, model_path, single_image_runtime=serving_runtime())
         return _PREDICTORS[key]
-
-
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-
-
-def _walk_images(folder: str | os.PathLike) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if _is_image_name(name):
-                yield os.path.join(root, name)
-
-
-def expand_paths(patterns: Iterable[str]) -> Iterator[str]:
-    """Files, folders and glob patterns -> image file paths, lazily and in a stable order.
-
-    * a file is yielded as given (whatever its suffix: it was named on purpose);
-    * a folder yields its image files (``IMAGE_SUFFIXES``), recursively, sorted
-      by name within each folder; hidden files and folders are skipped;
-    * a glob (``*``, ``?``, ``[...]``, ``**`` recursive) yields the image files
-      it matches, sorted, and the image files inside any folders it matches;
-    * a pattern that matches nothing is yielded as it is, so it is reported as
-      missing ("no such file").
-    """
-    for pattern in patterns:
-        pattern = os.fspath(pattern)
-        path = Path(pattern)
-        if path.is_dir():
-            yield from _walk_images(path)
-        elif path.exists():
-            yield str(path)
-        else:
-            found = False
-            for match in sorted(glob.iglob(pattern, recursive=True)):
-                if os.path.isdir(match):
-                    for file in _walk_images(match):
-                        found = True
-                        yield file
-                elif os.path.isfile(match) and _is_image_name(os.path.basename(match)):
-                    found = True
-                    yield match
-            if not found:
-                yield pattern
-
-
-def _count(iterator: Iterable) -> int:
-    return sum(1 for _ in iterator)
-
-
-def _one_field(text: str) -> str:
-    """``text`` with control characters (newline, tab, escape, ...) and Unicode line breaks written as Python
-    escapes (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``), so that a file name keeps the text output at one
-    tab-separated line per file."""
-    import unicodedata
-
-    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Zl", "Zp")
-                   else ch for ch in text)
-
-
-def _error_text(source: str, error: str) -> str:
-    """The error of one input as the CLI reports it: a glob that matched nothing is not a missing file."""
-    if error.startswith("no such file") and glob.has_magic(source):
-        return f"no file matches {source}"
-    return error
-
-
-def run_predict_cli(args) -> int:
-    """``python -m medclassify predict``: stream results, one line per input file.
-
-    ``args``: ``task``, ``model`` (or None), ``json``, ``batch_size``,
-    ``no_progress``, ``paths``.  With ``--json`` each line is one JSON object,
-    ``{"file", "task", "label", "class_index", "probabilities", "ood",
-    "warnings"}`` (breast also ``p_malignant``, ``threshold``) or ``{"file",
-    "error"}``.  A progress bar goes to stderr.  Returns 0 when every file was
-    classified, 1 when any failed (or none was found), 2 on usage errors.
-    """
-    spec = get_task(args.task)
-    batch_size = getattr(args, "batch_size", None)
-    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if batch_size < 1:
-        print(f"error: --batch-size must be at least 1, got {batch_size}", file=sys.stderr)
-        return 2
-    model = getattr(args, "model", None)
-    if model and not Path(model).is_file():  # an input that failed, as every command reports it (cli.main)
-        print(f"error: model file {model} not found", file=sys.stderr)
-        return 1
-    try:
-        predictor = Predictor(spec, model)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        print(f"error: cannot load the {spec.name} model: {exc}", file=sys.stderr)
-        return 1
-    progress = None
-    if not getattr(args, "no_progress", False):
-        from tqdm import tqdm
-
-        # Counting walks the folders once more but holds nothing: memory stays flat.
-        total = _count(expand_paths(args.paths))
-        progress = tqdm(total=total, unit="img", file=sys.stderr, desc=f"predict {spec.name}",
-                        mininterval=0.5, dynamic_ncols=True)
-    as_json = getattr(args, "json", False)
-    seen = failed = 0
-    out = sys.stdout
-    try:  # a file name that is not valid UTF-8 must not end the run with a traceback
-        out.reconfigure(errors="backslashreplace")
-    except (AttributeError, ValueError):
-        pass
-    try:
-        for source, result in predictor.predict_many(expand_paths(args.paths), batch_size=batch_size):
-            seen += 1
-            if isinstance(result, str):
-                failed += 1
-                error = _error_text(source, result)
-                line = (json.dumps({"file": source, "error": error}) if as_json
-                        else f"{_one_field(source)}\terror: {_one_field(error)}")
-            elif as_json:
-                line = json.dumps(result.to_json(file=source))
-            elif result.ood:  # as in the app: an image unlike the training data gets no answer, only the reason
-                line = f"{_one_field(source)}\t{NO_ANSWER}\t-\tWARNING: " + "; ".join(result.warnings)
-            elif result.p_positive is not None:  # thresholded: the label's own probability can be under 50%
-                positive = spec.class_names[spec.positive_class]
-                line = (f"{_one_field(source)}\t{result.label}\tP({positive})={result.p_positive:.3f}"
-                        f"\tthreshold={result.threshold:.3f}")
-            else:
-                line = f"{_one_field(source)}\t{result.label}\t{result.probabilities[result.label]:.3f}"
-            out.write(line + "\n")
-            if seen % batch_size == 0:
-                out.flush()
-            if progress is not None:
-                progress.update(1)
-        out.flush()
-    except BrokenPipeError:  # e.g. `... | head`: stop quietly
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return 1
-    finally:
-        if progress is not None:
-            progress.close()
-    if seen == 0:
-        print("error: no image files found in " + " ".join(map(str, args.paths)), file=sys.stderr)
-        return 1
-    return 1 if failed else 0
-
-
-def _next_version(base: Path) -> int:
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
-    return max(versions, default=0) + 1
-
-
-def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[str] = None,
-                      version: Optional[int] = None) -> Path:
-    """Write a TensorFlow SavedModel for TensorFlow Serving; returns the version folder.
-
-    ``out`` is the *model base folder* TF Serving watches (mounted as
-    ``/models/<name>``): the SavedModel goes to ``out/<version>/`` where
-    ``version`` is 1 for a new folder and one more than the highest existing
-    numeric version otherwise (TF Serving serves the highest version, so
-    exporting a retrained model rolls it out).  If the last component of
-    ``out`` is itself a number (``models/blood/3``), ``out`` is taken as the
-    version folder.  An existing version folder is never overwritten.
-
-    Signature ``serving_default``:
-
-    * input ``image``: float32 ``(N, 28, 28, C)`` pixel values 0..255, already
-      reduced to 28x28 like ``medclassify.preprocessing.prepare`` does (RGB for
-      blood, grayscale for breast);
-    * outputs ``probabilities`` float32 ``(N, K)`` (calibrated, class order of
-      the model card), ``class_index`` int64 ``(N,)`` and ``label`` string
-      ``(N,)``, using the same decision rule as ``Predictor`` (argmax, or the
-      card's threshold on P(malignant) for breast).
-
-    The model card is copied to ``<version>/assets.extra/card.json``.
-    """
-    import shutil
-
-    import tensorflow as tf
-
-    from .cards import card_path
-    from .evaluation import decision_threshold
-    from .models import load_model
-
-    spec = get_task(task)
-    model_path = Path(model_path) if model_path else spec.model_path
-    if not model_path.exists():
-        raise FileNotFoundError(f"model file {model_path} not found")
-    out = Path(out)
-    if version is None and out.name.isdigit():
-        target = out
-    else:
-        target = out / str(version if version is not None else _next_version(out))
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} already exists; export to a new version folder")
-
-    model = load_model(model_path, spec)
-    graph, n_inputs = serving_model(model, features=None)
-    threshold = decision_threshold(read_card(model_path), spec, model_path.name)
-    names = tf.constant(list(spec.class_names))
-
-    class ServingModule(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = graph
-
-        @tf.function(input_signature=[tf.TensorSpec([None, *spec.input_shape], tf.float32, name="image")])
-        def serve(self, image):
-            probs = self.model(image if n_inputs == 1 else [image] * n_inputs, training=False)
-            if spec.decision == "threshold":
-                positive = spec.positive_class
-                is_positive = probs[:, positive] >= tf.constant(threshold, tf.float32)
-                index = tf.where(is_positive, tf.constant(positive, tf.int64), tf.constant(1 - positive, tf.int64))
-            else:
-                index = tf.argmax(probs, axis=-1, output_type=tf.int64)
-            return {"probabilities": probs, "class_index": index, "label": tf.gather(names, index)}
-
-    module = ServingModule()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tf.saved_model.save(module, str(target), signatures={"serving_default": module.serve})
-    if card_path(model_path).exists():
-        (target / "assets.extra").mkdir(exist_ok=True)
-        shutil.copyfile(card_path(model_path), target / "assets.extra" / "card.json")
-    return target

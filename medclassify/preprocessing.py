@@ -50,6 +50,10 @@ MAX_ASPECT = 4.0
 #: through a temporary file) and a long tail of formats nobody exports a microscope or ultrasound image to.
 #: ("JPEG" includes the multi-picture JPEGs, MPO, that many cameras write.)
 DECODE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
+#: File name endings of those formats and DICOM: what the app's uploader offers and a folder walk picks up.
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm")
+#: The same, in words for a message.
+FORMATS_TEXT = "png, jpg, bmp, tif, webp, gif or DICOM .dcm"
 
 
 class ImageError(ValueError):
@@ -98,7 +102,7 @@ def decode_image(source: ImageLike) -> Image.Image:
             kind = _claimed_format(data)
             if kind:
                 raise ImageError(f"image file is damaged: it starts like a {kind} file but cannot be read") from None
-            raise ImageError("not a recognised image file (png, jpg, bmp, tif, webp, gif or dcm)") from None
+            raise ImageError(f"not a recognised image file ({FORMATS_TEXT})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # Pillow's own "image file is truncated (16 bytes not processed)" keeps only its news
             detail = _first_line(exc).removeprefix("image file is truncated").strip().strip("()")

@@ -485,6 +485,19 @@ def test_readme_train_example_is_the_shipped_breast_recipe():
     assert dataclasses.replace(train_config(args), verbose=shipped.verbose) == shipped
 
 
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_train_defaults_are_the_libraries(task):
+    """`train` repeats TrainConfig's defaults in its options (for --help): they must not drift apart."""
+    import dataclasses
+
+    from medclassify.cli import build_parser, train_config
+    from medclassify.training import TrainConfig
+
+    args = build_parser().parse_args(["train", "--task", task, "--out", "m.h5"])
+    library = TrainConfig(task=task)
+    assert dataclasses.replace(train_config(args), verbose=library.verbose) == library
+
+
 def test_help_shows_every_default_worth_showing(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from medclassify import cli
-from medclassify.inference import Predictor, export_savedmodel
+from medclassify.export import export_savedmodel
+from medclassify.inference import Predictor
 from medclassify.preprocessing import prepare
 from medclassify.registry import TASKS, get_task
 
