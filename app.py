@@ -290,6 +290,7 @@ def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = N
         st.caption(f"…and {len(failed) - MAX_ERRORS_SHOWN} more files that could not be read (see the table).")
     table = aps.results_table(results, spec, truth)
     st.dataframe(table, hide_index=True, width="stretch", column_config={
+        "file": st.column_config.TextColumn("file", pinned=True),  # stays in view when the table scrolls sideways
         "true_class": st.column_config.TextColumn("true class"),
         "agrees": st.column_config.CheckboxColumn("label = true class"),
         "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),
@@ -372,7 +373,8 @@ def about_tab(task: str, predictor) -> None:
         if aps.SERVED_COLUMN in table:  # text, so a metric the copy was not measured on reads "—", not "None"
             table[aps.SERVED_COLUMN] = ["—" if pd.isna(v) else f"{v:.4f}" for v in table[aps.SERVED_COLUMN]]
         st.dataframe(table, hide_index=True, width="stretch", height=_table_height(len(table)),
-                     column_config={"value": st.column_config.NumberColumn("value", format="%.4f")})
+                     column_config={"metric": st.column_config.TextColumn("metric", pinned=True),
+                                    "value": st.column_config.NumberColumn("value", format="%.4f")})
         confusion = aps.confusion_frame(metrics, spec.class_names)
         if confusion is not None:
             st.markdown(f"**Confusion matrix ({split}, float model)** — rows: true class, "

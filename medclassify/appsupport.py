@@ -279,7 +279,8 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: O
             else:
                 row["confidence"] = round(confidence(prediction), 4)
         rows.append(row)
-    columns = ["file", "label"] + (["true_class", "agrees"] if truth else []) + scores + ["ood", "warnings", "error"]
+    # The answer's own numbers next to it: on a phone only the first three or four columns fit the screen.
+    columns = ["file", "label"] + scores + (["true_class", "agrees"] if truth else []) + ["ood", "warnings", "error"]
     frame = pd.DataFrame(rows, columns=columns)
     for column in scores:
         frame[column] = frame[column].astype("Float64")

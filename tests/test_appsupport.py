@@ -266,7 +266,7 @@ def test_results_table_with_the_true_classes_of_the_gallery():
                aps.ImageResult("x.png", error="bad")]
     truth = {"n.png": "neutrophil", "e.png": "eosinophil", "o.png": "eosinophil", "x.png": "basophil"}
     table = aps.results_table(results, "blood", truth)
-    assert list(table.columns) == ["file", "label", "true_class", "agrees", "confidence", "ood", "warnings", "error"]
+    assert list(table.columns) == ["file", "label", "confidence", "true_class", "agrees", "ood", "warnings", "error"]
     assert list(table["true_class"]) == ["neutrophil", "eosinophil", "eosinophil", "basophil"]
     assert table["agrees"].tolist()[:2] == [True, False]
     assert table["agrees"].isna().tolist()[2:] == [True, True]  # no label, nothing to agree with
