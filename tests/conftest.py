@@ -284,6 +284,17 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     return path
 
 
+def task_images(fixture_images, task: str) -> list[Path]:
+    """The fixture images of one task, sorted by path."""
+    return sorted(info.path for info in fixture_images.values() if info.task == task)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.squeeze()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def gradient(width: int, height: int, channels: int = 3, seed: int = 0, noise: float = 8.0) -> np.ndarray:
     """A smooth, non-symmetric uint8 test pattern with some texture (Gaussian noise of sd ``noise``)."""
     rng = np.random.default_rng(seed)

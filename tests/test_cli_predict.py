@@ -4,7 +4,6 @@ Models: the session's ``tiny_models`` (conftest), trained on the fixture data.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import png_bytes, task_images
 from medclassify import cli
 from medclassify.cli import expand_paths
 from medclassify.registry import TASKS, get_task
@@ -26,15 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TASK_NAMES = sorted(TASKS)
 JSON_KEYS = {"file", "task", "label", "class_index", "probabilities", "ood", "warnings"}
 
-
-def task_images(fixture_images, task: str) -> list[Path]:
-    return sorted(info.path for info in fixture_images.values() if info.task == task)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array.squeeze()).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 # --------------------------------------------------------------------------- expand_paths
 

@@ -7,7 +7,6 @@ behaviour (same numbers as Keras, order, laziness, flat memory).
 """
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import png_bytes, task_images
 from medclassify.inference import (Prediction, Predictor, get_predictor, serving_model)
 from medclassify.registry import TASKS, get_task
 
@@ -34,16 +34,6 @@ def random_batch(task: str, n: int = 6, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def predictors(tiny_models) -> dict[str, Predictor]:
     return {task: Predictor(task, tiny_models[task].path) for task in TASK_NAMES}
-
-
-def task_images(fixture_images, task: str) -> list[Path]:
-    return sorted(info.path for info in fixture_images.values() if info.task == task)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array.squeeze()).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- compiled serving graph
