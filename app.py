@@ -150,7 +150,7 @@ def probability_chart(prediction, spec):
     base = alt.Chart(frame).encode(
         x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%", title="probability")),
         y=alt.Y("class:N", sort=list(spec.class_names), title=None, axis=alt.Axis(labelLimit=220)),
-        tooltip=[alt.Tooltip("class:N"), alt.Tooltip("probability:Q", format=".3f")],
+        tooltip=[alt.Tooltip("class:N"), alt.Tooltip("shown:N", title="probability")],
     )
     bars = base.mark_bar(color="#4c78a8")
     labels = base.mark_text(align="left", dx=3).encode(text=alt.Text("shown:N"))
@@ -438,9 +438,14 @@ def main() -> None:
     task = choose_task()
     try:
         predictor = load_predictor(task)
-    except (FileNotFoundError, ValueError) as exc:  # a missing model file, a bad setting: waiting fixes neither
+    except (FileNotFoundError, ValueError) as exc:  # a missing model or card, a bad setting: waiting fixes none
         log.exception("model load failed")
         st.error(f"The {get_task(task).title} model could not be loaded: {aps.one_line(exc)}. "
+                 "The server's operator needs to fix this.")
+        return
+    except OSError:  # a damaged model file (h5py) or a disk that fails: nothing a user can do; the log says which
+        log.exception("model load failed")
+        st.error(f"The {get_task(task).title} model could not be loaded: its files could not be read. "
                  "The server's operator needs to fix this.")
         return
     except Exception:

@@ -17,13 +17,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .inference import NO_ANSWER
-from .preprocessing import FORMATS_TEXT, IMAGE_SUFFIXES, ImageError
+from .preprocessing import FORMATS_TEXT, IMAGE_ENDINGS, ImageError
 from .registry import REPO_ROOT, TaskSpec, get_task
 
 SAMPLE_DIR = REPO_ROOT / "sample_images"
 
 #: File types the uploader accepts (``preprocessing`` decodes all of them).
-UPLOAD_TYPES = IMAGE_SUFFIXES
+UPLOAD_TYPES = IMAGE_ENDINGS
 UPLOAD_LABEL = f"Upload one or more images ({FORMATS_TEXT})"
 
 DISCLAIMER = (
@@ -46,8 +46,8 @@ BREAST_NOTE = (
 )
 #: What the blood model cannot say, next to every blood answer (the card's limitations say it at length).
 BLOOD_SCOPE_NOTE = (
-    "It knows only the 8 normal cell types of healthy donors: an abnormal cell (a leukaemic blast, say) still "
-    "gets one of these names."
+    "The model knows only the 8 normal cell types it was trained on, from healthy donors: an abnormal cell "
+    "(a leukaemic blast, say) still gets one of those 8 names."
 )
 #: Why a full-size blood image may look unlike the training data: the crop that MedMNIST's source images got.
 CROP_HINT = (
@@ -96,9 +96,10 @@ def error_message(exc: BaseException) -> str:
 
 def one_line(exc: BaseException) -> str:
     """An error's first line, for a message that someone can act on (a missing model file, a bad setting)."""
+    from .inference import without_folders
     from .preprocessing import _first_line
 
-    return _first_line(exc).rstrip(".")
+    return without_folders(_first_line(exc)).rstrip(".")
 
 
 def process_image(predictor, name: str, data: bytes) -> ImageResult:
@@ -185,7 +186,8 @@ def breast_test_record(card: dict, precision: str) -> str:
     malignant, benign = int(counts[spec.positive_class]), int(counts[1 - spec.positive_class])
     caught = round(float(served["sensitivity"]) * malignant)
     false_flags = benign - round(float(served["specificity"]) * benign)
-    answering = "the int8 copy answering here" if served is not test else "this model"  # About shows the float's
+    # About shows the float model's confusion matrix; the answers here may come from its int8 copy
+    answering = "the model as served here" if served is not test else "this model"
     return (f"On the official test split {answering} flagged {caught} of {malignant} malignant images and "
             f"{false_flags} of {benign} benign ones" + (": it misses some malignant images." if caught < malignant
                                                        else "."))
@@ -210,8 +212,9 @@ def model_view_caption(prediction) -> str:
     share = centre_crop_share(prediction.source_size, spec) if prediction.source_size else None
     if share:
         width, height = prediction.source_size
-        return (f"What the model saw: the centre {share:.0%} of your {width}×{height} image (MedMNIST's crop), "
-                f"reduced to {size}×{size} px and enlarged here")
+        side = max(1, round(min(width, height) * share))
+        return (f"What the model saw: a centre square of {side}×{side} px ({share:.0%} of the shorter side, "
+                f"MedMNIST's crop) of your {width}×{height} image, reduced to {size}×{size} px and enlarged here")
     return f"What the model saw: the {size}×{size} px input, enlarged with nearest neighbour"
 
 

@@ -71,13 +71,41 @@ def read_card(model_path: str | os.PathLike) -> dict:
 
 
 def load_card_file(path: str | os.PathLike) -> dict:
-    """A card file.  Schema-1 cards kept the validation evaluation in a second section, ``val``, beside
-    training's ``validation``: it is folded in, so every reader finds one validation section."""
-    with open(path) as fh:
-        card = json.load(fh)
+    """A card file, in the current schema (``upgrade``); ``ValueError`` naming the file if it is not JSON."""
+    try:
+        with open(path) as fh:
+            card = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model card {Path(path).name} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    return upgrade(card)
+
+
+def upgrade(card: dict) -> dict:
+    """A schema-1 card in schema 2, in place; the same numbers.  Schema 1 kept the validation evaluation in a
+    second section, ``val``, beside training's ``validation``; its metrics carried nested precision/recall/f1
+    copies of the flat ``*_macro``/``*_weighted`` keys; and evaluations named the model by absolute path."""
     if isinstance(card.get("val"), dict):
         card["validation"] = {**(card.get("validation") or {}), **card.pop("val")}
+    for section in ("validation", "test"):
+        metrics = card.get(section)
+        if not isinstance(metrics, dict):
+            continue
+        for key in ("precision", "recall", "f1"):
+            copy = metrics.get(key)
+            if isinstance(copy, dict) and all(metrics.get(f"{key}_{kind}") == value for kind, value in copy.items()):
+                del metrics[key]
+        if isinstance(metrics.get("model"), str) and Path(metrics["model"]).is_absolute():
+            metrics["model"] = _repository_path(metrics["model"])
+    if str(card.get("schema", "")).startswith("medclassify-model-card/"):
+        card["schema"] = SCHEMA
     return card
+
+
+def _repository_path(model) -> str:
+    """The repository-relative path of a model file inside the checkout; else its name (an absolute path
+    names the machine it ran on)."""
+    resolved = Path(model).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else Path(model).name
 
 
 def write_card(model_path: str | os.PathLike, card: dict) -> Path:
@@ -164,10 +192,8 @@ def add_evaluation(model_path, metrics: dict, command: str) -> Path:
     if not card:
         raise FileNotFoundError(f"{card_path(model_path)} not found: train the model with medclassify first")
     model = metrics.get("model")
-    if model is not None:  # the repository-relative path: an absolute one names the machine it ran on
-        resolved = Path(model).resolve()
-        metrics = {**metrics, "model": str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT)
-                   else Path(model).name}
+    if model is not None:
+        metrics = {**metrics, "model": _repository_path(model)}
     split = metrics.get("split", "test")
     # Validation metrics from the evaluation replace training's: the same numbers, with CIs and reliability.
     card[SPLIT_SECTIONS.get(split, split)] = metrics

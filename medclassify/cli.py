@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from .experiments import VARIANTS
 from .models import AUGMENTATION_POLICIES, MODEL_KINDS
-from .preprocessing import IMAGE_SUFFIXES as IMAGE_ENDINGS
+from .preprocessing import IMAGE_ENDINGS
 from .registry import TASKS, get_task
 
 #: What a folder walk picks up (a file named on the command line is read whatever its name).

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -59,13 +60,30 @@ GIST_CHARS = 120
 log = logging.getLogger(__name__)
 
 
+#: A folder path inside a message: "/srv/app/lib/pydicom/x.py" keeps only "x.py".
+_FOLDERS = re.compile(r"(?:[A-Za-z]:)?[/\\](?:[^\s'\"/\\]+[/\\])+")
+
+
+def without_folders(text: str) -> str:
+    """``text`` with every path cut to its file name: a message for a user names no folder of the server."""
+    return _FOLDERS.sub("", text)
+
+
 def exception_gist(exc: BaseException) -> str:
-    """``Type: first line of the text``, cut to ``GIST_CHARS``: enough to tell failures apart in one line."""
-    name, line = type(exc).__name__, _first_line(exc)
+    """``Type: first line of the text``, cut to ``GIST_CHARS`` and without folders: enough to tell failures
+    apart in one line."""
+    name, line = type(exc).__name__, without_folders(_first_line(exc))
     if line == name:  # no text of its own
         return name
     line = line if len(line) <= GIST_CHARS else line[:GIST_CHARS - 1].rstrip() + "…"
     return f"{name}: {line}"
+
+
+def reading_error(source, exc: BaseException) -> ImageError:
+    """A reader that failed with something other than ``ImageError`` (a decoder bug, a format it half-knows):
+    logged whole, and an ``ImageError`` naming the failure for the user, alike for single images and batches."""
+    log.warning("could not read %s", describe_source(source), exc_info=exc)
+    return ImageError(f"could not read image ({exception_gist(exc)})")
 
 
 def describe_source(source) -> str:
@@ -383,7 +401,12 @@ class Predictor:
 
     def predict(self, source: ImageLike) -> Prediction:
         """One image (bytes, path, PIL image or array) -> Prediction.  Raises ImageError."""
-        prepared = prepare(source, self.spec)
+        try:
+            prepared = prepare(source, self.spec)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise reading_error(source, exc) from exc
         probs, feats = self.predict_arrays(prepared.array[None])
         return self._result(prepared, probs[0], feats[0])
 
@@ -395,9 +418,7 @@ class Predictor:
             except ImageError as exc:
                 out.append((source, str(exc)))
             except Exception as exc:  # never let one odd file stop a batch
-                # not an ImageError: a reader bug or a format it half-knows, which the log must keep
-                log.warning("could not read %s", describe_source(source), exc_info=True)
-                out.append((source, f"could not read image ({exception_gist(exc)})"))
+                out.append((source, str(reading_error(source, exc))))
         return out
 
     def _predict_prepared(self, batch: list[tuple[object, Prepared | str]]) -> Iterator[tuple[object, Prediction | str]]:

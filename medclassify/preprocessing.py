@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .registry import MEDMNIST_SIZES, TaskSpec, get_task
 
@@ -37,8 +37,8 @@ MIN_SIDE = 8
 #: JPEG's own scaled decoding) to a shorter side of at least this.  The 28-px model input stays the same to
 #: within a grey level or two, and a 7000x7000 upload no longer takes gigabytes to convert.
 WORKING_SIDE = 1024
-#: Key of ``Image.info`` that says by what factor a JPEG was decoded smaller than it is stored.
-DECODE_SCALE = "medclassify_decode_scale"
+#: Key of ``Image.info`` holding the (width, height) a JPEG decoded at reduced scale has in its file.
+DECODE_SCALE = "medclassify_stored_size"
 #: A 16-bit PNG or TIFF whose brightest value is below this uses at most 14 of its 16 bits: almost surely
 #: 10- to 14-bit data stored without the scaling the formats ask for, which would be read several times
 #: too dark.  (A real 8-bit picture in 16 bits reaching only 25% grey is no cell or ultrasound image.)
@@ -51,7 +51,7 @@ MAX_ASPECT = 4.0
 #: ("JPEG" includes the multi-picture JPEGs, MPO, that many cameras write.)
 DECODE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 #: File name endings of those formats and DICOM: what the app's uploader offers and a folder walk picks up.
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm")
+IMAGE_ENDINGS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm")
 #: The same, in words for a message.
 FORMATS_TEXT = "png, jpg, bmp, tif, webp, gif or DICOM .dcm"
 
@@ -70,6 +70,7 @@ def decode_image(source: ImageLike) -> Image.Image:
     2048 px or more decode at a reduced scale).  Refuses 16-bit files that hold unscaled low-bit data."""
     if isinstance(source, Image.Image):
         image = source.copy()  # the EXIF rotation below works in place: never on the caller's image
+        image.info.pop(DECODE_SCALE, None)  # from an earlier decoding: this image may have been resized since
         _refuse_unscaled_low_bits(image)
     elif isinstance(source, np.ndarray):
         return _array_to_image(source)
@@ -89,9 +90,9 @@ def decode_image(source: ImageLike) -> Image.Image:
                 image.seek(0)  # animated GIF/PNG/WebP: first frame
                 if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * WORKING_SIDE:
                     scale = WORKING_SIDE / min(image.size)  # JPEG decodes at 1/2, 1/4 or 1/8 size for free
-                    full_width = image.width
+                    full_width, full_height = image.size
                     image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-                    image.info[DECODE_SCALE] = full_width / image.width  # what the file holds, for the page
+                    image.info[DECODE_SCALE] = (full_width, full_height)  # what the file holds, for the page
                 image.load()
                 _refuse_unscaled_low_bits(image, _stored_depth(image, data))
         except ImageError:
@@ -105,13 +106,18 @@ def decode_image(source: ImageLike) -> Image.Image:
             raise ImageError(f"not a recognised image file ({FORMATS_TEXT})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # Pillow's own "image file is truncated (16 bytes not processed)" keeps only its news
-            detail = _first_line(exc).removeprefix("image file is truncated").strip().strip("()")
+            detail = _first_line(exc).removeprefix("image file is truncated").strip()
+            if detail.startswith("(") and detail.endswith(")"):  # "(16 bytes not processed)": one pair is enough
+                detail = detail[1:-1]
             raise ImageError("image file is damaged or truncated" + (f" ({detail})" if detail else "")) from None
     _check_dimensions(image.size)
     try:
+        quarter_turn = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
         ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # a broken EXIF block should not cost the user the image
-        pass
+        quarter_turn = False
+    if quarter_turn and DECODE_SCALE in image.info:  # the stored size, turned as the picture was
+        image.info[DECODE_SCALE] = image.info[DECODE_SCALE][::-1]
     return image
 
 
@@ -303,13 +309,12 @@ def _dicom_to_image(data: bytes, bare: bool = False) -> Image.Image:
     try:
         import pydicom
         from pydicom.pixels import pixel_array
-        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         dataset = pydicom.dcmread(io.BytesIO(data), force=bare)
-        if bare:  # no file meta to name the encoding: it is the one the reader found
-            implicit, little = dataset.original_encoding
-            dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                                   ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        if bare:  # no file meta to name the encoding: the one the reader found (little endian: it starts 08 00)
+            implicit, _ = dataset.original_encoding
+            dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     except Exception as exc:
         raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
     try:
@@ -512,8 +517,8 @@ def prepare(source: ImageLike, task: str | TaskSpec) -> Prepared:
     """
     spec = get_task(task) if isinstance(task, str) else task
     decoded = decode_image(source)
-    scale = decoded.info.get(DECODE_SCALE, 1)  # as the file holds it: before scaled decoding and any shrinking
-    original_size, original_mode = (round(decoded.width * scale), round(decoded.height * scale)), decoded.mode
+    # as the file holds it: before scaled decoding and any shrinking
+    original_size, original_mode = tuple(decoded.info.get(DECODE_SCALE, decoded.size)), decoded.mode
     image = _shrink(decoded)
     try:
         # Reduce in RGB first so the modality check sees the colour the user sent.

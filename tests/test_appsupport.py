@@ -187,6 +187,7 @@ def test_process_batch_passes_on_a_reading_error_with_its_text(predictors, monke
     with caplog.at_level(logging.WARNING, logger="medclassify.inference"):
         results = aps.process_batch(predictors["blood"], items)
     assert results[0].ok and results[1].error == "could not read image (KeyError: 'no tag (0028,0010)')"
+    assert aps.process_image(predictors["blood"], "odd.dcm", b"odd").error == results[1].error  # alone, the same
     assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
 
 
@@ -317,7 +318,7 @@ def test_breast_test_record_counts_what_the_answering_model_caught():
         "On the official test split this model flagged 34 of 42 malignant images and 11 of 114 benign ones: "
         "it misses some malignant images.")
     served = {**CARD, "serving": {"test": {"int8_metrics": {"sensitivity": 36 / 42, "specificity": 101 / 114}}}}
-    assert ("the int8 copy answering here flagged 36 of 42 malignant images and 13 of 114 benign"
+    assert ("the model as served here flagged 36 of 42 malignant images and 13 of 114 benign"
             in aps.breast_test_record(served, "int8"))  # not the float model's counts, which About shows
     assert "flagged 34 of 42" in aps.breast_test_record(served, "float")  # the float model answers
     assert aps.breast_test_record({"test": {"accuracy": 0.9}}, "int8") == ""
@@ -360,7 +361,9 @@ def test_model_view_caption_says_when_the_centre_was_cropped(task, size, cropped
     prediction.source_size = size
     caption = aps.model_view_caption(prediction)
     assert aps.was_centre_cropped(prediction) == cropped
-    assert (f"centre 56% of your {size[0]}×{size[1]} image" in caption) == cropped
+    side = round(min(size) * 200 / 360)
+    assert (f"centre square of {side}×{side} px (56% of the shorter side, MedMNIST's crop) of your "
+            f"{size[0]}×{size[1]} image" in caption) == cropped
     assert "28×28" in caption
     prediction.source_size = None  # a prediction made before the size was kept
     assert not aps.was_centre_cropped(prediction) and "28×28 px input" in aps.model_view_caption(prediction)

@@ -134,6 +134,26 @@ def test_cards_with_a_second_validation_section_are_read_as_one(tmp_path):
     legacy.write_text(json.dumps({"validation": {"accuracy": 0.5, "n": 78}, "val": {"accuracy": 0.5, "ci95": {}}}))
     assert load_card_file(legacy) == {"validation": {"accuracy": 0.5, "n": 78, "ci95": {}}}
     assert read_card(tmp_path / "old.h5") == load_card_file(legacy)
+    flat = {"precision_macro": 0.8, "precision_weighted": 0.9}
+    schema_1 = {"schema": "medclassify-model-card/1",
+                "test": {**flat, "precision": {"macro": 0.8, "weighted": 0.9},
+                         "model": str(REPO_ROOT / "runs" / "breast" / "m.h5")},
+                "val": {**flat, "precision": {"macro": 0.8, "weighted": 0.9}, "model": "/elsewhere/m.h5"}}
+    legacy.write_text(json.dumps(schema_1))
+    assert load_card_file(legacy) == {"schema": SCHEMA, "test": {**flat, "model": "runs/breast/m.h5"},
+                                      "validation": {**flat, "model": "m.h5"}}
+    schema_1["test"]["precision"]["macro"] = 0.7  # not a copy of the flat key: kept, not lost
+    legacy.write_text(json.dumps(schema_1))
+    assert load_card_file(legacy)["test"]["precision"] == {"macro": 0.7, "weighted": 0.9}
+
+
+def test_a_damaged_card_is_named(tmp_path):
+    from medclassify.cards import load_card_file
+
+    broken = tmp_path / "m.card.json"
+    broken.write_text('{"task": "breast", "decision": {')
+    with pytest.raises(ValueError, match=r"model card m.card.json is not valid JSON \(.*line 1\)"):
+        load_card_file(broken)
 
 
 def test_committed_cards_have_one_validation_section_and_no_machine_paths():

@@ -846,10 +846,34 @@ def test_dicom_data_set_without_file_meta_is_read(tmp_path, implicit_vr):
 
 def test_the_upload_size_is_the_files_even_when_a_jpeg_decodes_smaller():
     """A phone JPEG decodes at a fraction of its size; the page still names the size the user's file has."""
-    jpeg = io.BytesIO()
-    Image.fromarray(gradient(4200, 2200)).save(jpeg, "JPEG", quality=80)
-    prepared = prepare(jpeg.getvalue(), "blood")
-    assert prepared.original_size == (4200, 2200)
+    from medclassify.preprocessing import decode_image
+
+    picture = Image.fromarray(gradient(2203, 4201))  # sizes that no scaled decoding divides exactly
+    for orientation, expected in ((None, (2203, 4201)), (6, (4201, 2203)), (3, (2203, 4201))):
+        jpeg = io.BytesIO()
+        exif = picture.getexif()
+        if orientation:
+            exif[0x0112] = orientation  # a phone's "turn a quarter (or half) when shown"
+        picture.save(jpeg, "JPEG", quality=80, exif=exif.tobytes())
+        assert prepare(jpeg.getvalue(), "blood").original_size == expected, orientation
+    # a decoded image resized by the caller is described as it is now, not as its file was
+    resized = decode_image(jpeg.getvalue()).resize((224, 224))
+    assert prepare(resized, "blood").original_size == (224, 224)
+
+
+@pytest.mark.parametrize("detail, expected", [
+    ("image file is truncated (16 bytes not processed)", "image file is damaged or truncated (16 bytes not processed)"),
+    ("image file is truncated", "image file is damaged or truncated"),
+    ("broken PNG file (chunk b'abcd')", "image file is damaged or truncated (broken PNG file (chunk b'abcd'))"),
+])
+def test_damage_messages_keep_the_decoders_detail_once(monkeypatch, detail, expected):
+    def damaged(*args, **kwargs):
+        raise OSError(detail)
+
+    monkeypatch.setattr(Image, "open", damaged)
+    with pytest.raises(ImageError) as info:
+        prepare(b"\x89PNG\r\n\x1a\n" + bytes(40), "blood")
+    assert str(info.value) == expected
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_large_images_are_shrunk_first_without_changing_the_model_input(task):
