@@ -38,7 +38,7 @@ MIN_SIDE = 8
 #: within a grey level or two, and a 7000x7000 upload no longer takes gigabytes to convert.
 WORKING_SIDE = 1024
 #: Key of ``Image.info`` holding the (width, height) a JPEG decoded at reduced scale has in its file.
-DECODE_SCALE = "medclassify_stored_size"
+STORED_SIZE = "medclassify_stored_size"
 #: A 16-bit PNG or TIFF whose brightest value is below this uses at most 14 of its 16 bits: almost surely
 #: 10- to 14-bit data stored without the scaling the formats ask for, which would be read several times
 #: too dark.  (A real 8-bit picture in 16 bits reaching only 25% grey is no cell or ultrasound image.)
@@ -70,7 +70,7 @@ def decode_image(source: ImageLike) -> Image.Image:
     2048 px or more decode at a reduced scale).  Refuses 16-bit files that hold unscaled low-bit data."""
     if isinstance(source, Image.Image):
         image = source.copy()  # the EXIF rotation below works in place: never on the caller's image
-        image.info.pop(DECODE_SCALE, None)  # from an earlier decoding: this image may have been resized since
+        image.info.pop(STORED_SIZE, None)  # from an earlier decoding: this image may have been resized since
         _refuse_unscaled_low_bits(image)
     elif isinstance(source, np.ndarray):
         return _array_to_image(source)
@@ -92,7 +92,7 @@ def decode_image(source: ImageLike) -> Image.Image:
                     scale = WORKING_SIDE / min(image.size)  # JPEG decodes at 1/2, 1/4 or 1/8 size for free
                     full_width, full_height = image.size
                     image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-                    image.info[DECODE_SCALE] = (full_width, full_height)  # what the file holds, for the page
+                    image.info[STORED_SIZE] = (full_width, full_height)  # what the file holds, for the page
                 image.load()
                 _refuse_unscaled_low_bits(image, _stored_depth(image, data))
         except ImageError:
@@ -116,8 +116,8 @@ def decode_image(source: ImageLike) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # a broken EXIF block should not cost the user the image
         quarter_turn = False
-    if quarter_turn and DECODE_SCALE in image.info:  # the stored size, turned as the picture was
-        image.info[DECODE_SCALE] = image.info[DECODE_SCALE][::-1]
+    if quarter_turn and STORED_SIZE in image.info:  # the stored size, turned as the picture was
+        image.info[STORED_SIZE] = image.info[STORED_SIZE][::-1]
     return image
 
 
@@ -518,7 +518,7 @@ def prepare(source: ImageLike, task: str | TaskSpec) -> Prepared:
     spec = get_task(task) if isinstance(task, str) else task
     decoded = decode_image(source)
     # as the file holds it: before scaled decoding and any shrinking
-    original_size, original_mode = tuple(decoded.info.get(DECODE_SCALE, decoded.size)), decoded.mode
+    original_size, original_mode = tuple(decoded.info.get(STORED_SIZE, decoded.size)), decoded.mode
     image = _shrink(decoded)
     try:
         # Reduce in RGB first so the modality check sees the colour the user sent.
