@@ -63,12 +63,12 @@ def choose_task() -> str:
     return task
 
 
-def upload_items() -> list[tuple[str, bytes]]:
+def upload_items(task: str) -> list[tuple[str, bytes]]:
     files = st.file_uploader(
         aps.UPLOAD_LABEL,
         type=list(aps.UPLOAD_TYPES),
         accept_multiple_files=True,
-        key="upload",
+        key=f"upload_{task}",  # one per classifier: switching never runs one task's images through the other
         help="Files are processed in memory only and are never stored.",
     )
     return [(f.name, f.getvalue()) for f in files or []]
@@ -319,7 +319,7 @@ def classify_tab(task: str, predictor) -> None:
     source = st.radio("Input", SOURCES, horizontal=True, key="source", label_visibility="collapsed")
     truth = None  # true classes, known only for gallery samples
     if source == SOURCES[0]:
-        items = upload_items()
+        items = upload_items(task)
     elif source == SOURCES[1]:
         items = camera_items()
     else:

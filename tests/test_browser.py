@@ -108,15 +108,20 @@ def settle(page) -> None:
 def open_app(page, url: str) -> None:
     page.goto(url)
     # the first visit of the server loads the model (TensorFlow import): allow for it
-    page.locator(FILE_INPUT).wait_for(state="attached", timeout=STARTUP_S * 1000)
+    file_input(page).wait_for(state="attached", timeout=STARTUP_S * 1000)
     settle(page)
+
+
+def file_input(page, task: str = "blood"):
+    """The uploader of one classifier (each has its own: a switch never re-runs the other task's files)."""
+    return page.locator(f'.st-key-upload_{task} {FILE_INPUT}')
 
 
 def choose(page, task: str) -> None:
     if task != "blood":
         page.get_by_text(TASKS[task].title, exact=True).click()
         page.get_by_text(f"Expected input — {TASKS[task].title}").wait_for()
-        page.locator(FILE_INPUT).wait_for(state="attached")
+        file_input(page, task).wait_for(state="attached")
         settle(page)
 
 
@@ -144,7 +149,7 @@ def test_pick_classifier_upload_and_read_label(page, task):
     predictor = get_predictor(task)
     sample = next(s for s in aps.list_samples(task) if not predictor.predict(s.path.read_bytes()).ood)
     start = time.perf_counter()
-    page.locator(FILE_INPUT).set_input_files(str(sample.path))
+    file_input(page, task).set_input_files(str(sample.path))
     text = prediction_text(page)
     elapsed = time.perf_counter() - start
     assert text.startswith("Prediction:")
@@ -162,7 +167,7 @@ def test_pick_classifier_upload_and_read_label(page, task):
 def test_corrupt_file_gives_one_line_error(page, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"this is not an image at all")
-    page.locator(FILE_INPUT).set_input_files(str(corrupt))
+    file_input(page).set_input_files(str(corrupt))
     alert = page.locator('[data-testid="stAlertContentError"] [data-testid="stMarkdownContainer"]').first
     alert.wait_for()
     message = alert.inner_text().strip()
@@ -175,7 +180,7 @@ def test_corrupt_file_gives_one_line_error(page, tmp_path):
 
 def test_ood_warning_in_the_browser(page):
     """A grayscale ultrasound sent to the blood classifier: a warning and no label."""
-    page.locator(FILE_INPUT).set_input_files(str(aps.list_samples("breast")[0].path))
+    file_input(page).set_input_files(str(aps.list_samples("breast")[0].path))
     page.get_by_text("no reliable answer").first.wait_for()
     assert page.get_by_text(aps.UNRELIABLE).count() >= 1
     assert page.locator(PREDICTION).count() == 0
@@ -188,7 +193,7 @@ def test_batch_table_and_csv_download(page, tmp_path):
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     files = [str(s.path) for s in aps.list_samples("breast")] + [str(corrupt)]
-    page.locator(FILE_INPUT).set_input_files(files)
+    file_input(page, "breast").set_input_files(files)
     button = page.get_by_role("button", name="Download results (CSV)")
     button.wait_for()
     settle(page)
