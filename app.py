@@ -438,19 +438,9 @@ def main() -> None:
     task = choose_task()
     try:
         predictor = load_predictor(task)
-    except (FileNotFoundError, ValueError) as exc:  # a missing model or card, a bad setting: waiting fixes none
+    except Exception as exc:
         log.exception("model load failed")
-        st.error(f"The {get_task(task).title} model could not be loaded: {aps.one_line(exc)}. "
-                 "The server's operator needs to fix this.")
-        return
-    except OSError:  # a damaged model file (h5py) or a disk that fails: nothing a user can do; the log says which
-        log.exception("model load failed")
-        st.error(f"The {get_task(task).title} model could not be loaded: its files could not be read. "
-                 "The server's operator needs to fix this.")
-        return
-    except Exception:
-        log.exception("model load failed")
-        st.error(f"The {get_task(task).title} model could not be loaded. Please try again later.")
+        st.error(aps.load_failure_message(get_task(task).title, exc))
         return
     try:
         load_explainer(task)  # warmed now so the first overlay is quick; without it, predictions still work

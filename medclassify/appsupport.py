@@ -51,9 +51,9 @@ BLOOD_SCOPE_NOTE = (
 )
 #: Why a full-size blood image may look unlike the training data: the crop that MedMNIST's source images got.
 CROP_HINT = (
-    "Full-size images are cut to their centre as MedMNIST cut its 360×363 source images, which show one cell "
-    "filling about half the frame. A cell photographed closer, farther or at another magnification looks "
-    "different to the model: compare 'What the model saw' with your image."
+    "Full-size images are cut to their centre as MedMNIST cut its 360×363 source images, which show one "
+    "centred cell. A cell photographed closer, farther or at another magnification looks different to the "
+    "model: compare 'What the model saw' with your image."
 )
 #: Why the breast chart of both probabilities must not be read by its larger bar.
 BREAST_CHART_NOTE = "The decision compares P(malignant) with the threshold above, not with 50%."
@@ -97,9 +97,19 @@ def error_message(exc: BaseException) -> str:
 def one_line(exc: BaseException) -> str:
     """An error's first line, for a message that someone can act on (a missing model file, a bad setting)."""
     from .inference import without_folders
-    from .preprocessing import _first_line
+    from .preprocessing import first_line
 
-    return without_folders(_first_line(exc)).rstrip(".")
+    return without_folders(first_line(exc)).rstrip(".")
+
+
+def load_failure_message(title: str, exc: BaseException) -> str:
+    """The page's one line when a model cannot be loaded: the reason where the operator can act on it."""
+    if isinstance(exc, (FileNotFoundError, ValueError)):  # a missing model or card, a bad setting
+        return f"The {title} model could not be loaded: {one_line(exc)}. The server's operator needs to fix this."
+    if isinstance(exc, OSError):  # a damaged model file (h5py) or a failing disk; the log says which
+        return (f"The {title} model could not be loaded: its files could not be read. "
+                "The server's operator needs to fix this.")
+    return f"The {title} model could not be loaded. Please try again later."
 
 
 def process_image(predictor, name: str, data: bytes) -> ImageResult:
@@ -203,13 +213,17 @@ def percent(p: float) -> str:
     return f"{p:.1%}"
 
 
-def model_view_caption(prediction) -> str:
-    """What 'What the model saw' shows: the whole thumbnail, or the centre crop of a full-size image."""
+def _crop_share(prediction) -> Optional[float]:
+    """The share of the upload's shorter side that MedMNIST's centre crop kept, or None (no crop, or no size)."""
     from .preprocessing import centre_crop_share
 
-    spec = get_task(prediction.task)
-    size = spec.image_size
-    share = centre_crop_share(prediction.source_size, spec) if prediction.source_size else None
+    return centre_crop_share(prediction.source_size, get_task(prediction.task)) if prediction.source_size else None
+
+
+def model_view_caption(prediction) -> str:
+    """What 'What the model saw' shows: the whole thumbnail, or the centre crop of a full-size image."""
+    size = get_task(prediction.task).image_size
+    share = _crop_share(prediction)
     if share:
         width, height = prediction.source_size
         side = max(1, round(min(width, height) * share))
@@ -219,9 +233,7 @@ def model_view_caption(prediction) -> str:
 
 
 def was_centre_cropped(prediction) -> bool:
-    from .preprocessing import centre_crop_share
-
-    return bool(prediction.source_size and centre_crop_share(prediction.source_size, get_task(prediction.task)))
+    return _crop_share(prediction) is not None
 
 
 def close_call(prediction) -> Optional[str]:

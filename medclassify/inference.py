@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from .cards import read_card
-from .preprocessing import ImageError, ImageLike, Prepared, _first_line, prepare
+from .preprocessing import ImageError, ImageLike, Prepared, first_line, prepare
 from .quantization import lite_threads, load_quantized, new_interpreter, serving_precision, to_tflite
 from .registry import TaskSpec, get_task
 
@@ -72,7 +72,7 @@ def without_folders(text: str) -> str:
 def exception_gist(exc: BaseException) -> str:
     """``Type: first line of the text``, cut to ``GIST_CHARS`` and without folders: enough to tell failures
     apart in one line."""
-    name, line = type(exc).__name__, without_folders(_first_line(exc))
+    name, line = type(exc).__name__, without_folders(first_line(exc))
     if line == name:  # no text of its own
         return name
     line = line if len(line) <= GIST_CHARS else line[:GIST_CHARS - 1].rstrip() + "…"
@@ -378,7 +378,7 @@ class Predictor:
             return self._graphs[dtype]
 
     def _decide(self, probs: np.ndarray) -> int:
-        from .evaluation import decide  # the rule the card's metrics were measured with
+        from .evaluation import decide  # the rule the card's metrics were measured with (loaded by __init__)
 
         return int(decide(self.spec, probs[None], self.threshold)[0])
 

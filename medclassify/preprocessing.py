@@ -106,7 +106,7 @@ def decode_image(source: ImageLike) -> Image.Image:
             raise ImageError(f"not a recognised image file ({FORMATS_TEXT})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # Pillow's own "image file is truncated (16 bytes not processed)" keeps only its news
-            detail = _first_line(exc).removeprefix("image file is truncated").strip()
+            detail = first_line(exc).removeprefix("image file is truncated").strip()
             if detail.startswith("(") and detail.endswith(")"):  # "(16 bytes not processed)": one pair is enough
                 detail = detail[1:-1]
             raise ImageError("image file is damaged or truncated" + (f" ({detail})" if detail else "")) from None
@@ -221,7 +221,7 @@ def _check_dimensions(size: tuple[int, int]) -> None:
                          f"(at most {MAX_ASPECT:g}:1)")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The gist of an exception in one line (a first line that only introduces a list keeps its first item)."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
@@ -316,7 +316,7 @@ def _dicom_to_image(data: bytes, bare: bool = False) -> Image.Image:
             implicit, _ = dataset.original_encoding
             dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     except Exception as exc:
-        raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
+        raise ImageError(f"DICOM file could not be decoded ({first_line(exc)})") from None
     try:
         rows, columns = int(dataset.Rows), int(dataset.Columns)
     except (AttributeError, TypeError, ValueError):
@@ -329,13 +329,13 @@ def _dicom_to_image(data: bytes, bare: bool = False) -> Image.Image:
         if not _dicom_decoder_available(dataset):
             raise ImageError(f"DICOM compressed as {dataset.file_meta.TransferSyntaxUID.name} cannot be read "
                              "here; export it uncompressed or as PNG") from None
-        raise ImageError(f"DICOM file could not be decoded ({_first_line(exc)})") from None
+        raise ImageError(f"DICOM file could not be decoded ({first_line(exc)})") from None
     try:
         return _array_to_image(_dicom_display_values(dataset, pixels))
     except ImageError:
         raise
     except Exception as exc:  # a malformed LUT or window element
-        raise ImageError(f"DICOM file could not be displayed ({_first_line(exc)})") from None
+        raise ImageError(f"DICOM file could not be displayed ({first_line(exc)})") from None
 
 
 def _dicom_decoder_available(dataset) -> bool:
@@ -531,7 +531,7 @@ def prepare(source: ImageLike, task: str | TaskSpec) -> Prepared:
     except ImageError:
         raise
     except Exception as exc:  # PIL can still fail on exotic files at this stage
-        raise ImageError(f"image could not be converted ({_first_line(exc)})") from None
+        raise ImageError(f"image could not be converted ({first_line(exc)})") from None
     return Prepared(np.ascontiguousarray(array), colourfulness(rgb_array), original_size, original_mode)
 
 
