@@ -270,18 +270,20 @@ def _train(args) -> int:
 
 
 def _unwritable_model_path(out: str) -> str:
-    """Why ``out`` cannot take a saved model, or ''."""
+    """Why ``out`` cannot take a saved model, or ''.  Creates nothing: a run that fails leaves no folder."""
     path = Path(out)
     if path.suffix not in (".h5", ".keras"):
         return "the model file must end in .h5 (or .keras)"
     folder = path.parent if str(path.parent) else Path(".")
-    # `--out runs/x.h5` on a fresh clone: runs/ is ignored by git and absent, and making it is what was meant.
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"folder {folder} could not be created ({exc.strerror or exc})"
-    if not os.access(folder, os.W_OK):
-        return f"folder {folder} is not writable"
+    # `--out runs/x.h5` on a fresh clone: runs/ is ignored by git and absent. The save makes it, so only the
+    # nearest folder that exists has to be one, and writable.
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"folder {folder} cannot be created: {existing} is a file"
+    if not os.access(existing, os.W_OK):
+        return f"folder {existing} is not writable"
     return ""
 
 

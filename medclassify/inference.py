@@ -304,6 +304,11 @@ class Predictor:
         from .ood import OODDetector
 
         _configure_threads_once()
+        # settings first: a typo in one is reported before, not after, a model load of several seconds
+        precision = serving_precision()
+        runtime = (single_image_runtime or serving_runtime(default="tensorflow")).strip().lower()
+        if runtime not in ("tflite", "tensorflow"):
+            raise ValueError(f"single-image runtime must be 'tflite' or 'tensorflow', not {runtime!r}")
         self.spec = get_task(task) if isinstance(task, str) else task
         self.model_path = Path(model_path) if model_path else self.spec.model_path
         self.model = load_model(self.model_path, self.spec)  # a missing file: FileNotFoundError, said there
@@ -314,14 +319,11 @@ class Predictor:
         self._graph_lock = threading.Lock()
         self._quantized = None
         self._serve_single = None
-        if serving_precision() == "int8":
+        if precision == "int8":
             try:
                 self._quantized = load_quantized(self.model_path, self.card)
             except Exception as exc:  # a damaged file: the float model is still correct
                 print(f"warning: serving the float model ({exc})", file=sys.stderr)
-        runtime = (single_image_runtime or serving_runtime(default="tensorflow")).strip().lower()
-        if runtime not in ("tflite", "tensorflow"):
-            raise ValueError(f"single-image runtime must be 'tflite' or 'tensorflow', not {runtime!r}")
         # a legacy graph with augmentation branches (see serving_model) stays on TensorFlow
         if self._quantized is None and runtime == "tflite" and self._serving_inputs == 1:
             try:

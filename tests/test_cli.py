@@ -168,7 +168,7 @@ def test_train_rejects_bad_settings_exit_2(capsys, tmp_path, bad):
 
 
 @pytest.mark.parametrize("out, problem", [("model_breast", "must end in .h5"),
-                                          ("a_file/model.h5", "could not be created")])
+                                          ("a_file/model.h5", "cannot be created")])
 def test_train_checks_out_before_training(capsys, tmp_path, monkeypatch, out, problem):
     from medclassify import training
 
@@ -178,19 +178,25 @@ def test_train_checks_out_before_training(capsys, tmp_path, monkeypatch, out, pr
     assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
 
 
-def test_train_makes_a_missing_out_folder_before_training(capsys, tmp_path, monkeypatch):
+def test_train_makes_a_missing_out_folder_only_when_it_saves(capsys, tmp_path, monkeypatch):
     from medclassify import training
+    from medclassify.data import DataError
 
-    class Stop(Exception):
-        pass
+    def fails(cfg):
+        raise DataError("offline")
 
-    def stop(cfg):
-        assert (tmp_path / "runs" / "breast").is_dir(), "folder not made before training"
-        raise Stop
+    monkeypatch.setattr(training, "train", fails)
+    code, _, err = run_main(capsys, "train", "--task", "breast", "--out", tmp_path / "runs" / "breast" / "m.h5")
+    assert code == 1 and "offline" in err
+    assert not (tmp_path / "runs").exists(), "a failed run left an empty folder"
 
-    monkeypatch.setattr(training, "train", stop)
-    with pytest.raises(Stop):
-        run_main(capsys, "train", "--task", "breast", "--out", tmp_path / "runs" / "breast" / "m.h5")
+
+def test_save_trained_makes_the_missing_folder(tmp_path, tiny_models):
+    from medclassify.cards import card_path
+    from medclassify.training import save_trained
+
+    out = save_trained(tiny_models["breast"].result, tmp_path / "runs" / "breast" / "m.h5", command="test")
+    assert out.is_file() and card_path(out).is_file()
 
 
 def test_train_missing_data_exit_1(capsys, tmp_path, monkeypatch):

@@ -155,6 +155,18 @@ def test_single_image_runtime_defaults_and_overrides(tiny_models, monkeypatch):
         Predictor("blood", tiny_models["blood"].path, single_image_runtime="onnx")
 
 
+@pytest.mark.parametrize("setting", [{"MEDCLASSIFY_SERVING_PRECISION": "fp16"}, {"runtime": "onnx"}])
+def test_bad_serving_settings_are_reported_before_the_model_loads(monkeypatch, setting):
+    from medclassify import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    for name, value in setting.items():
+        if name.startswith("MEDCLASSIFY_"):
+            monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="PRECISION|runtime"):
+        Predictor("blood", "model_blood.h5", single_image_runtime=setting.get("runtime"))
+
+
 def test_lite_runner_refuses_a_conversion_that_disagrees(tiny_models):
     from medclassify.inference import LiteSingleImage
 
