@@ -190,12 +190,13 @@ def show_gradcam(prediction, task: str, key: str) -> None:
     opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.5, 0.05, key=f"opacity_{key}",
                         help="0 shows only the image, 1 only the heatmap.")
     try:
-        from medclassify.explain import overlay
+        from medclassify.explain import overlay, with_colour_key
 
         heatmap = load_explainer(task)(prediction.model_input, prediction.class_index)
-        st.image(overlay(prediction.model_input, heatmap, opacity, size=196), width=196,
-                 caption=f"Grad-CAM for '{prediction.label}': warm colours influenced the model most. A coarse "
-                         "map of where its evidence lay, not an outline of a cell or lesion.")
+        st.image(with_colour_key(overlay(prediction.model_input, heatmap, opacity, size=196)), width=196,
+                 caption=f"Grad-CAM for '{prediction.label}'. The strip underneath is the colour scale: blue "
+                         "influenced the model least, red most. A coarse map of where its evidence lay, not an "
+                         "outline of a cell or lesion.")
     except Exception:
         log.exception("Grad-CAM failed")
         st.caption("The Grad-CAM explanation is not available for this image.")

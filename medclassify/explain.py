@@ -209,3 +209,15 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5, size: 
     colours = colormap(heat).astype(np.float32)
     blended = (1.0 - opacity) * rgb.astype(np.float32) + opacity * colours
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def with_colour_key(picture: np.ndarray, height: int = 10, gap: int = 4) -> np.ndarray:
+    """``picture`` (RGB) with the heatmap's colour scale beneath it, low on the left, high on the right.
+
+    Drawn into the same image so that the key cannot be separated from the map it explains.
+    """
+    picture = to_rgb(picture)
+    width = picture.shape[1]
+    key = np.repeat(colormap(np.linspace(0.0, 1.0, width, dtype=np.float32))[None], height, axis=0)
+    space = np.full((gap, width, 3), 255, np.uint8)
+    return np.concatenate([picture, space, key], axis=0)

@@ -143,6 +143,7 @@ def test_upload_one_image(task):
     captions = texts(at.caption)
     image_captions = " ".join(c for image in at.image for c in image.captions)
     assert "What the model saw" in image_captions and "Grad-CAM" in image_captions
+    assert "colour scale" in image_captions  # the key drawn under the heatmap is explained
     if spec.decision == "threshold":
         verdicts = texts(at.warning) + texts(at.info)
         assert (aps.BREAST_POSITIVE in verdicts) != (aps.BREAST_NEGATIVE in verdicts)

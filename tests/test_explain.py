@@ -6,7 +6,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from medclassify.explain import GradCAM, explainer_for, gradcam, overlay, target_tensor  # noqa: E402
+from medclassify.explain import (GradCAM, colormap, explainer_for, gradcam, overlay, target_tensor,  # noqa: E402
+                                 with_colour_key)
 from medclassify.models import build_cnn, load_model  # noqa: E402
 from medclassify.registry import get_task  # noqa: E402
 
@@ -133,6 +134,17 @@ def test_overlay_blends_with_opacity():
     assert not (only_heat == 100).all()
     half = overlay(image, heat, 0.5).astype(int)
     assert np.abs(half - (only_image.astype(int) + only_heat.astype(int)) / 2).max() <= 1
+
+
+def test_colour_key_runs_from_the_lowest_to_the_highest_heat_colour():
+    picture = np.full((196, 196, 3), 7, np.uint8)
+    keyed = with_colour_key(picture, height=10, gap=4)
+    assert keyed.shape == (210, 196, 3) and keyed.dtype == np.uint8
+    assert (keyed[:196] == picture).all() and (keyed[196:200] == 255).all()
+    key = keyed[200:]
+    assert (key == key[0]).all()  # every row of the strip is the same scale
+    assert (key[0, 0] == colormap(np.zeros((1, 1)))[0, 0]).all()
+    assert (key[0, -1] == colormap(np.ones((1, 1)))[0, 0]).all()
 
 
 def test_overlay_grayscale_and_display_size():
