@@ -5,17 +5,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8501
 
-.PHONY: app test setup setup-dev notebooks benchmark clean
+.PHONY: app test setup setup-dev notebooks benchmark lock clean
 
-$(BIN)/.runtime: requirements.txt pyproject.toml
+# constraints.txt fixes the versions of everything installed, dependencies of dependencies included.
+$(BIN)/.runtime: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --upgrade pip -c constraints.txt
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/pip install --quiet --no-deps -e .   # the `medclassify` command
 	touch $@
 
-$(BIN)/.dev: requirements-dev.txt $(BIN)/.runtime
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+$(BIN)/.dev: requirements-dev.txt constraints.txt $(BIN)/.runtime
+	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 setup: $(BIN)/.runtime
@@ -32,6 +33,15 @@ notebooks: setup-dev
 
 benchmark: setup-dev
 	$(BIN)/python benchmarks/benchmark.py --readme
+
+# After changing requirements*.txt: resolve them afresh in a scratch environment and record every version.
+lock:
+	set -e; scratch=$$(mktemp -d); \
+	$(PYTHON) -m venv $$scratch; \
+	$$scratch/bin/pip install --quiet --upgrade pip; \
+	$$scratch/bin/pip install --quiet -r requirements-dev.txt; \
+	{ sed -n '1,2p' constraints.txt; $$scratch/bin/pip freeze --all | grep -v -e '^#' -e '^-e' | sort -f; } > constraints.new; \
+	mv constraints.new constraints.txt; rm -rf $$scratch
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
