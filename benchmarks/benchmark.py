@@ -413,7 +413,8 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from medclassify.inference import LiteSingleImage, compile_serving_function, feature_output, serving_model
+    from medclassify.inference import LiteSingleImage, compile_serving_function, serving_model
+    from medclassify.models import feature_tensor
 
     spec = predictor.spec
     n = 300 if quick else 1500
@@ -435,7 +436,7 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
     # 1. what the serving path was before: a tf.function over the whole loaded Keras model (augmentation
     #    layers included, if the file has any), float32 input, NumPy cast on every call
     model = predictor.model
-    full = keras.Model(model.inputs, [model.output, feature_output(model)])
+    full = keras.Model(model.inputs, [model.output, feature_tensor(model)])
     old = tf.function(lambda x: full(x, training=False),
                       input_signature=[tf.TensorSpec([None, *spec.input_shape], tf.float32)])
     record("previous path: tf.function over the loaded model, float32", lambda x: old(x.astype("float32")))
@@ -461,7 +462,7 @@ def measure_variants(predictor, one, rng, quick: bool) -> dict:
     # 4. XLA
     record("serving + XLA jit_compile", predictor.compile("uint8", jit_compile=True))
     # 5. probabilities only (no feature output)
-    probs_only, n_inputs = serving_model(model, features=None)
+    probs_only, n_inputs = serving_model(model, features=False)
     record("serving, probabilities only", compile_serving_function(probs_only, spec.input_shape, "uint8",
                                                                    n_inputs=n_inputs))
     return out
@@ -471,7 +472,7 @@ def _int8_copy(predictor, rng):
     from medclassify.inference import serving_model
     from medclassify.quantization import int8_copy
 
-    graph, _ = serving_model(predictor.model, features=None)
+    graph, _ = serving_model(predictor.model, features=False)
     return int8_copy(graph, rng.integers(0, 256, (64, *predictor.spec.input_shape)).astype("float32"))
 
 

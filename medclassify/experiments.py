@@ -119,9 +119,11 @@ def _recipe(config: dict) -> dict:
     from .training import TrainConfig
 
     # A setting added to TrainConfig after a run was saved is absent from its card: it ran with the default.
+    # One removed since (an old card's unused `extra`) no longer says anything about the recipe.
+    settings = {f.name for f in fields(TrainConfig)}
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     config = json.loads(json.dumps({**defaults, **config}))  # the form a card stores (tuples become lists)
-    return {k: v for k, v in config.items() if k not in _NOT_PART_OF_THE_RECIPE}
+    return {k: v for k, v in config.items() if k in settings and k not in _NOT_PART_OF_THE_RECIPE}
 
 
 def matching_runs(cfg: TrainConfig) -> dict[int, Path]:

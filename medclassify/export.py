@@ -58,7 +58,7 @@ def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[st
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} already exists; export to a new version folder")
 
-    graph, n_inputs = serving_model(model, features=None)
+    graph, n_inputs = serving_model(model, features=False)
     threshold = decision_threshold(read_card(model_path), spec, model_path.name)
     names = tf.constant(list(spec.class_names))
 

@@ -50,7 +50,6 @@ from .registry import TaskSpec, get_task
 THREADS_ENV = "MEDCLASSIFY_TF_INTRA_OP_THREADS"
 SINGLE_RUNTIME_ENV = "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME"  # "tflite" (default) or "tensorflow"
 
-FEATURE_LAYER = "pool"
 #: What the CLI and the app say instead of a label for an image unlike the training data.
 NO_ANSWER = "no reliable answer"
 DEFAULT_BATCH_SIZE = 256
@@ -124,19 +123,13 @@ def _is_augmentation(layer) -> bool:
     return name.startswith("aug_") or ("_aug_" in name and name.split("_aug_")[0].lstrip("m").isdigit())
 
 
-def feature_output(model, features: str = FEATURE_LAYER):
-    """The pooled-feature tensor the OOD rule uses (``models.feature_tensor`` knows ensembles)."""
-    from .models import feature_tensor
-
-    return feature_tensor(model) if features == FEATURE_LAYER else model.get_layer(features).output
-
-
-def serving_model(model, features: Optional[str] = FEATURE_LAYER):
+def serving_model(model, features: bool = True):
     """The inference graph of ``model`` without its augmentation layers.
 
     Returns ``(serving, n_inputs)``: a Keras model that shares every layer (and
     so every weight) with ``model`` and maps the image to ``[probabilities,
-    features]`` (or to the probabilities alone when ``features`` is None), and
+    features]`` (the pooled features the OOD rule reads, ``models.feature_tensor``;
+    the probabilities alone when ``features`` is False), and
     how many times the image must be passed to it.  The augmentation layers (a
     chain right after the input, one chain per member of an ensemble) are the
     identity at inference, so the outputs equal ``model(x, training=False)``;
@@ -145,7 +138,9 @@ def serving_model(model, features: Optional[str] = FEATURE_LAYER):
     """
     import keras
 
-    outputs = [model.output] if features is None else [model.output, feature_output(model, features)]
+    from .models import feature_tensor
+
+    outputs = [model.output, feature_tensor(model)] if features else [model.output]
     augment = [layer for layer in model.layers if _is_augmentation(layer)]
     if augment and len(model.inputs) == 1:
         try:

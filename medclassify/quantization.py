@@ -307,7 +307,7 @@ def quantize(task: str, model_path=None, data_dir=None, splits: tuple[str, ...] 
     # fallback was chosen for none.
     target_sensitivity = ((card.get("training") or {}).get("config") or {}).get("target_sensitivity") \
         if (card.get("decision") or {}).get("threshold") is not None else None
-    graph, n_inputs = serving_model(model, features=None)
+    graph, n_inputs = serving_model(model, features=False)
     if n_inputs != 1:
         raise ValueError("this model's graph has augmentation branches; re-save it with `ship` first")
     train = load_split(spec, "train", data_dir=data_dir)

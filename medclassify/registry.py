@@ -6,7 +6,7 @@ sizes.  The layout follows medmnist's ``info.py``: one dictionary per dataset.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +48,6 @@ class TaskSpec:
     # (a stained smear is light, an ultrasound frame outside the beam is black).
     background: int = 255
     expected_input: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +53,6 @@ class TrainConfig:
     # True: Keras runs each step eagerly instead of tracing a graph first. Same maths; worth it only for smoke
     # runs, where tracing a train step (~10 s on 2 cores) costs more than one epoch on a hundred images.
     run_eagerly: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # Checked here, not only in the CLI, so that library code and notebooks cannot start a

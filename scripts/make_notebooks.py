@@ -523,7 +523,7 @@ GRID_CODE = '''
 
 VARIANT_HELPERS = '''
     DEFAULTS = training.config_dict(training.TrainConfig(task=TASK))
-    HIDDEN = {"task", "verbose", "data_dir", "vgg16_weights", "extra", "limit"}
+    HIDDEN = {"task", "verbose", "data_dir", "vgg16_weights", "limit"}
     RESULTS = {}  # variant -> its card (None when missing)
 
 

@@ -118,7 +118,7 @@ def test_matching_runs_finds_the_seed_runs_of_an_ensemble(results_dir):
     assert experiments.matching_runs(dataclasses.replace(ensemble, seed=1)) == {}  # members 1000, 1001, 1002
 
 
-def test_matching_runs_reads_a_setting_missing_from_an_older_card_as_its_default(results_dir):
+def test_matching_runs_reads_an_older_cards_settings(results_dir):
     from medclassify.training import config_dict
 
     base = experiments.TrainConfig(task="breast", epochs=3, widths=(8, 16), verbose=0)
@@ -126,6 +126,7 @@ def test_matching_runs_reads_a_setting_missing_from_an_older_card_as_its_default
     runs.mkdir(parents=True, exist_ok=True)
     older = config_dict(base)
     del older["mixup"]  # cards written before TrainConfig had the setting
+    older["extra"] = {}  # nor does a setting removed since make it another recipe
     (runs / "v.h5").write_bytes(b"")
     (runs / "v.card.json").write_text(json.dumps({"training": {"config": older}}))
     assert experiments.matching_runs(dataclasses.replace(base, ensemble=2)) == {0: runs / "v.h5"}
