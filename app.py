@@ -30,10 +30,9 @@ MAX_ERRORS_SHOWN = 20
 def load_predictor(task: str):
     from medclassify.inference import get_predictor
 
-    # TensorFlow keeps its default thread pools (or $MEDCLASSIFY_TF_INTRA_OP_THREADS): one intra-op
-    # thread cost multi-file batches 40-45% of their throughput (benchmarks/RESULTS.md, "runtime
-    # settings") and, measured once, did not make Grad-CAM faster (blood 15 ms against 10-13 ms).
-    # Single images run on TFLite either way.
+    # TensorFlow keeps its default thread pools (or $MEDCLASSIFY_TF_INTRA_OP_THREADS). The int8 copies that
+    # serve barely notice the setting, but float models (MEDCLASSIFY_SERVING_PRECISION=float) lost 38-49% of
+    # their batch throughput to one intra-op thread (benchmarks/RESULTS.md, "runtime settings").
     return get_predictor(task)
 
 
@@ -218,7 +217,8 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         with left:
             show_model_view(prediction, data)
         with right:
-            rate = (load_predictor(task).card.get("ood_check") or {}).get("test_flagged")
+            predictor = load_predictor(task)
+            rate = aps.ood_test_rate(predictor.card, predictor.precision)
             if rate is not None:
                 st.caption(f"The rule is strict on purpose: it also flags {rate:.1%} of the genuine MedMNIST test "
                            "images, rather than answer for an image it cannot vouch for.")

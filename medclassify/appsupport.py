@@ -477,6 +477,18 @@ def served_metrics(card: dict, split: Optional[str], precision: str) -> Optional
     return (serving.get(section) or {}).get("int8_metrics") or None
 
 
+def ood_test_rate(card: dict, precision: str) -> Optional[float]:
+    """The share of genuine test images the OOD rule flags, if it was measured on the model that answers.
+
+    The int8 copy and the float model give the rule slightly different features, so a rate measured on one
+    is not quoted for the other (an older card that does not say which was measured is taken at its word).
+    """
+    check = (card or {}).get("ood_check") or {}
+    if check.get("precision") not in (None, precision):
+        return None
+    return check.get("test_flagged")
+
+
 def confusion_frame(metrics: dict, class_names: Sequence[str]):
     """Rows = true class, columns = predicted class; None if the card has no matrix."""
     import pandas as pd

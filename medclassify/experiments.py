@@ -14,7 +14,8 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from .cards import load_card_file
 from .registry import REPO_ROOT, get_task
@@ -23,7 +24,7 @@ from .training import TrainConfig
 RESULTS_DIR = REPO_ROOT / "results"
 RUNS_DIR = REPO_ROOT / "runs"
 
-VARIANTS: dict[str, dict[str, TrainConfig]] = {
+_VARIANTS: dict[str, dict[str, TrainConfig]] = {
     "blood": {
         "cnn": TrainConfig(task="blood", augment=False, epochs=12, widths=(32, 64, 128), label_smoothing=0.0),
         "cnn_aug": TrainConfig(task="blood", augment=True, epochs=30, widths=(32, 64, 128)),
@@ -74,8 +75,14 @@ VARIANTS: dict[str, dict[str, TrainConfig]] = {
     },
 }
 
+# Read-only: results/ holds cards of these exact recipes, so a caller changing one in place would mislabel
+# every run after it.  New recipes go into the dictionary above; variations are dataclasses.replace copies.
+VARIANTS: Mapping[str, Mapping[str, TrainConfig]] = MappingProxyType(
+    {task: MappingProxyType(variants) for task, variants in _VARIANTS.items()})
+
 #: Which variant each shipped model comes from.
-SHIPPED = {"blood": "cnn_flips_wide_ens3", "breast": "cnn_ens5"}
+_SHIPPED = {"blood": "cnn_flips_wide_ens3", "breast": "cnn_ens5"}
+SHIPPED: Mapping[str, str] = MappingProxyType(_SHIPPED)
 
 
 def variant_config(task: str, variant: str, **overrides) -> TrainConfig:
@@ -232,14 +239,27 @@ def comparison_table(task: str) -> str:
         if SHIPPED.get(task) == name:
             name = f"**{name}** (shipped)"
         minutes = (card.get("training") or {}).get("wall_time_s", float("nan")) / 60
-        rows.append(f"| {name} | {minutes:.0f} min | {val.get('accuracy', float('nan')):.3f} | "
-                    f"{val.get('auc', float('nan')):.3f} | "
+        rows.append(f"| {name} | {minutes:.0f} min | {val.get('accuracy', float('nan')):.4f} | "
+                    f"{val.get('auc', float('nan')):.4f} | "
                     + " | ".join(_fmt(test, k) for k in keys) + " |")
     lines = ["\n".join(rows), "", "Published anchors (official test split, 28 px unless noted):", "",
              "| model | test accuracy | test AUC |", "|---|---|---|"]
     for name, acc, auc in ANCHORS[task]:
         lines.append(f"| {name} | {acc:.3f} | {'–' if auc is None else f'{auc:.3f}'} |")
     return "\n".join(lines + ["", ANCHOR_SOURCES])
+
+
+def ood_check_line(check: dict) -> str:
+    """The card's ``ood_check`` section as a sentence; images the model refused are named apart."""
+    def share(name: str, what: str) -> str:
+        refused = check.get(f"n_{name}_refused") or 0
+        text = f"{check[f'{name}_flagged']:.1%} of the {check[f'n_{name}']} {what}"
+        return text + (f" it answered ({refused} more were refused as unreadable or too small)" if refused else "")
+
+    served = ", on the features of the int8 copy that serves" if check.get("precision") == "int8" else ""
+    return (f"Shipped model's \"unlike the training data\" rule (`{check['command']}`{served}): flags "
+            f"{share('test', 'official test images')}, {share('cross_task', 'other-task test images')} and "
+            f"{share('photos', 'photograph crops')}.")
 
 
 def seed_summary(task: str, variant: str) -> Optional[dict]:
@@ -363,10 +383,7 @@ def write_report() -> Path:
             parts += [targets, ""]
         check = shipped.get("ood_check")
         if check:
-            parts += [f"Shipped model's \"unlike the training data\" rule (`{check['command']}`): flags "
-                      f"{check['test_flagged']:.1%} of the {check['n_test']} official test images, "
-                      f"{check['cross_task_flagged']:.1%} of the {check['n_cross_task']} other-task test images and "
-                      f"{check['photos_flagged']:.1%} of {check['n_photos']} photograph crops.", ""]
+            parts += [ood_check_line(check), ""]
         served = serving_line(shipped)
         if served:
             parts += [served, ""]

@@ -49,9 +49,16 @@ def photo_crops(per_photo: int = 12, seed: int = 0) -> list[Image.Image]:
     return crops
 
 
-def flagged_fraction(predictor, images) -> float:
-    flags = [result.ood for _, result in predictor.predict_many(images) if not isinstance(result, str)]
-    return float(np.mean(flags)) if flags else float("nan")
+def flag_counts(predictor, images) -> tuple[float, int, int]:
+    """(flagged share of the images the model answered, how many it answered, how many it refused).
+
+    A refused image ("too small" and the like) is neither flagged nor passed, so it counts in neither
+    the share nor its denominator, and is reported on its own.
+    """
+    results = [result for _, result in predictor.predict_many(images)]
+    flags = [result.ood for result in results if not isinstance(result, str)]
+    share = float(np.mean(flags)) if flags else float("nan")
+    return share, len(flags), len(results) - len(flags)
 
 
 def ood_report(task: str, model_path=None, data_dir=None) -> dict:
@@ -62,14 +69,11 @@ def ood_report(task: str, model_path=None, data_dir=None) -> dict:
     other = next(name for name in TASKS if name != spec.name)
     test = load_split(spec, "test", data_dir=data_dir).images
     foreign = load_split(other, "test", data_dir=data_dir).images
-    foreign = [img[..., 0] if img.shape[-1] == 1 else img for img in foreign]
-    photos = photo_crops()
-    return {
-        "task": spec.name,
-        "test_flagged": flagged_fraction(predictor, [img[..., 0] if img.shape[-1] == 1 else img for img in test]),
-        "cross_task_flagged": flagged_fraction(predictor, foreign),
-        "photos_flagged": flagged_fraction(predictor, photos),
-        "n_test": len(test),
-        "n_cross_task": len(foreign),
-        "n_photos": len(photos),
-    }
+    sets = {"test": [img[..., 0] if img.shape[-1] == 1 else img for img in test],
+            "cross_task": [img[..., 0] if img.shape[-1] == 1 else img for img in foreign],
+            "photos": photo_crops()}
+    report = {"task": spec.name, "precision": predictor.precision}  # the OOD features differ between the two
+    for name, images in sets.items():
+        share, answered, refused = flag_counts(predictor, images)
+        report.update({f"{name}_flagged": share, f"n_{name}": answered, f"n_{name}_refused": refused})
+    return report

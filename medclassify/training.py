@@ -23,7 +23,7 @@ from .models import AUGMENTATION_POLICIES, MODEL_KINDS, predict_probabilities
 from .registry import TASKS, TaskSpec, get_task
 
 
-@dataclass
+@dataclass(frozen=True)  # a recipe: vary it with dataclasses.replace, which checks the new values
 class TrainConfig:
     task: str
     model: str = "cnn"  # "cnn" or "vgg16"

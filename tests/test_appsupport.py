@@ -497,6 +497,14 @@ def test_metrics_frame_with_the_served_copy_beside_the_model():
     assert aps.SERVED_COLUMN not in aps.metrics_frame(card["test"], None).columns
 
 
+def test_the_ood_test_rate_is_quoted_only_for_the_model_it_was_measured_on():
+    card = {"ood_check": {"precision": "int8", "test_flagged": 0.018}}
+    assert aps.ood_test_rate(card, "int8") == pytest.approx(0.018)
+    assert aps.ood_test_rate(card, "float") is None  # MEDCLASSIFY_SERVING_PRECISION=float: other features
+    assert aps.ood_test_rate({"ood_check": {"test_flagged": 0.02}}, "float") == pytest.approx(0.02)
+    assert aps.ood_test_rate({}, "int8") is None
+
+
 def test_confusion_and_per_class_frames():
     frame = aps.confusion_frame(CARD["test"], get_task("breast").class_names)
     assert frame.loc["true: malignant", "pred: normal/benign"] == 12

@@ -45,6 +45,15 @@ def test_variant_config_overrides_and_errors():
     cfg = experiments.variant_config("breast", "cnn", epochs=3, seed=None)
     assert cfg.epochs == 3 and cfg.seed == experiments.VARIANTS["breast"]["cnn"].seed  # None keeps the default
     assert experiments.VARIANTS["breast"]["cnn"].epochs != 3  # the registry itself is not changed
+
+
+def test_the_recipes_cannot_be_changed_in_place():
+    with pytest.raises(TypeError):
+        experiments.VARIANTS["breast"]["cnn"] = experiments.TrainConfig(task="breast")
+    with pytest.raises(TypeError):
+        experiments.SHIPPED["breast"] = "cnn"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        experiments.VARIANTS["breast"]["cnn"].epochs = 1
     with pytest.raises(ValueError, match="unknown variant 'nope' for blood"):
         experiments.variant_config("blood", "nope")
 
@@ -56,7 +65,7 @@ def test_card_file_names_seeds(results_dir):
 
 
 def test_comparison_table_rows_and_anchors(results_dir, monkeypatch):
-    monkeypatch.setitem(experiments.SHIPPED, "breast", "b")
+    monkeypatch.setitem(experiments._SHIPPED, "breast", "b")
     folder = results_dir / "breast"
     folder.mkdir(parents=True)
     metrics = {"accuracy": 0.8, "balanced_accuracy": 0.75, "auc": 0.9, "f1_macro": 0.7, "accuracy_at_0_5": 0.81,
@@ -135,8 +144,8 @@ def test_matching_runs_reads_an_older_cards_settings(results_dir):
 
 def test_report_names_the_ensemble_that_seed_runs_were_assembled_into(results_dir, tmp_path, monkeypatch):
     tiny = experiments.TrainConfig(task="breast", epochs=1, verbose=0)
-    monkeypatch.setitem(experiments.VARIANTS["breast"], "v", tiny)
-    monkeypatch.setitem(experiments.VARIANTS["breast"], "v_ens2", dataclasses.replace(tiny, ensemble=2))
+    monkeypatch.setitem(experiments._VARIANTS["breast"], "v", tiny)
+    monkeypatch.setitem(experiments._VARIANTS["breast"], "v_ens2", dataclasses.replace(tiny, ensemble=2))
     monkeypatch.setattr(experiments, "REPO_ROOT", tmp_path)  # no README there: the committed one is untouched
     folder = results_dir / "breast"
     folder.mkdir(parents=True)
@@ -167,7 +176,7 @@ def test_ship_checks_every_file_before_replacing_any(results_dir, tiny_models, t
     source.parent.mkdir(parents=True)
     for suffix in (".h5", ".card.json"):  # no .ood.npz
         shutil.copyfile(tiny_models["breast"].path.with_suffix(suffix), source.with_suffix(suffix))
-    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny", experiments.TrainConfig(task="breast", epochs=1))
+    monkeypatch.setitem(experiments._VARIANTS["breast"], "tiny", experiments.TrainConfig(task="breast", epochs=1))
     monkeypatch.setattr(experiments, "run_file", lambda task, variant, seed=0: source)
     shipped = tmp_path / "shipped" / "model_breast.h5"
     shipped.parent.mkdir()
@@ -185,9 +194,9 @@ def test_ship_checks_every_file_before_replacing_any(results_dir, tiny_models, t
 @pytest.mark.slow
 def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_path, monkeypatch, capsys):
     """One tiny variant end to end through the CLI: train, evaluate val and test, card, report, ship."""
-    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny", experiments.TrainConfig(
+    monkeypatch.setitem(experiments._VARIANTS["breast"], "tiny", experiments.TrainConfig(
         task="breast", epochs=1, widths=(8, 16), batch_size=32, limit=30, verbose=0))
-    monkeypatch.setitem(experiments.SHIPPED, "breast", "tiny")
+    monkeypatch.setitem(experiments._SHIPPED, "breast", "tiny")
     shipped = tmp_path / "shipped" / "model_breast.h5"
     shipped.parent.mkdir()
     monkeypatch.setitem(TASKS, "breast", dataclasses.replace(TASKS["breast"], default_model=str(shipped)))
@@ -237,7 +246,7 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
 def test_a_shortened_experiment_is_a_trial_that_report_leaves_out(results_dir, fixture_data_dir, tmp_path,
                                                                   monkeypatch, capsys):
     """--epochs/--limit change the recipe: such a run must not overwrite the variant's card or reach the README."""
-    monkeypatch.setitem(experiments.VARIANTS["breast"], "tiny", experiments.TrainConfig(
+    monkeypatch.setitem(experiments._VARIANTS["breast"], "tiny", experiments.TrainConfig(
         task="breast", epochs=2, widths=(8, 16), batch_size=32, verbose=0))
     real = results_dir / "breast" / "tiny.card.json"
     real.parent.mkdir(parents=True)
@@ -257,7 +266,7 @@ def test_a_shortened_experiment_is_a_trial_that_report_leaves_out(results_dir, f
     assert main(["report"]) == 0
     capsys.readouterr()
     rows = [line for line in readme.read_text().splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == 1 and rows[0].split(" | ")[3] == "0.500"  # the variant's own card, not the trial's
+    assert len(rows) == 1 and rows[0].split(" | ")[3] == "0.5000"  # the variant's own card, not the trial's
 
 
 @pytest.mark.parametrize("argv", [["--variant", "nope"], ["--variant", "cnn", "--epochs", "0"]])
@@ -273,8 +282,8 @@ def test_ensemble_variant_reuses_the_seed_runs(results_dir, fixture_data_dir, tm
     from medclassify import training
 
     tiny = experiments.TrainConfig(task="blood", epochs=1, widths=(8, 16), batch_size=32, limit=40, verbose=0)
-    monkeypatch.setitem(experiments.VARIANTS["blood"], "tiny", tiny)
-    monkeypatch.setitem(experiments.VARIANTS["blood"], "tiny_ens2", dataclasses.replace(tiny, ensemble=2))
+    monkeypatch.setitem(experiments._VARIANTS["blood"], "tiny", tiny)
+    monkeypatch.setitem(experiments._VARIANTS["blood"], "tiny_ens2", dataclasses.replace(tiny, ensemble=2))
     common = ["--task", "blood", "--data-dir", str(fixture_data_dir), "--bootstrap", "10"]
     for seed in ("0", "1"):
         assert main(["experiment", "--variant", "tiny", "--seed", seed, *common]) == 0
@@ -335,6 +344,19 @@ def test_serving_line_reports_the_int8_copy_on_val_and_test():
     assert "val: 1 of 78 decisions differ" in line and "test: 0 of 156 decisions differ" in line
     assert "sensitivity 0.9500" in line and "ece" not in line
     assert experiments.serving_line({}) == "" and experiments.serving_line({"serving": {"val": {}}}) == ""
+
+
+def test_ood_check_line_counts_only_the_answered_images_and_names_the_refused():
+    check = {"command": "python -m medclassify ood-check --task breast --write-card", "precision": "int8",
+             "test_flagged": 0.0192, "n_test": 156, "n_test_refused": 0,
+             "cross_task_flagged": 1.0, "n_cross_task": 3421, "n_cross_task_refused": 0,
+             "photos_flagged": 91 / 92, "n_photos": 92, "n_photos_refused": 4}
+    line = experiments.ood_check_line(check)
+    assert "on the features of the int8 copy that serves" in line
+    assert "1.9% of the 156 official test images," in line
+    assert "98.9% of the 92 photograph crops it answered (4 more were refused" in line
+    older = {k: v for k, v in check.items() if "refused" not in k and k != "precision"}  # cards before the counts
+    assert "refused" not in experiments.ood_check_line(older) and "int8" not in experiments.ood_check_line(older)
 
 
 def test_targets_line_says_which_bars_the_shipped_model_meets():

@@ -189,3 +189,17 @@ def test_a_card_whose_statistics_are_gone_gets_no_answer(tmp_path, capsys, conte
     assert verdict.reasons == [f"the check for images unlike the training data cannot run (model_blood.ood.npz "
                                f"{'is missing' if content is None else 'cannot be read'}): no answer is given"]
 
+
+def test_flag_counts_leaves_refused_images_out_of_the_share():
+    from types import SimpleNamespace
+
+    from medclassify.oodcheck import flag_counts
+
+    class Stub:
+        def predict_many(self, images):
+            for name, kind in enumerate(images):
+                yield name, ("image is too small (14x14)" if kind == "small" else SimpleNamespace(ood=kind == "odd"))
+
+    assert flag_counts(Stub(), ["odd", "fine", "small", "odd", "small"]) == (2 / 3, 3, 2)
+    share, answered, refused = flag_counts(Stub(), ["small"])
+    assert np.isnan(share) and (answered, refused) == (0, 1)
