@@ -110,7 +110,8 @@ def sample_items(task: str) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
             for column, sample in zip(columns, samples[start:start + per_row]):
                 with column:
                     try:
-                        st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84, caption=sample.caption)
+                        st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84, caption=sample.caption,
+                                 alt=aps.sample_alt(task))
                     except Exception:
                         st.caption(sample.caption)
                     st.button("Try", key=f"sample_{task}_{sample.path.stem}", on_click=_pick_sample,
@@ -175,12 +176,13 @@ def threshold_chart(prediction, spec):
 
 
 def show_model_view(prediction, data: bytes | None) -> None:
-    st.image(aps.upscale(prediction.model_input, 196), width=196, caption=aps.model_view_caption(prediction))
+    st.image(aps.upscale(prediction.model_input, 196), width=196, caption=aps.model_view_caption(prediction),
+             alt=aps.model_view_alt(prediction))
     if data is not None:
         original = _preview(data, get_task(prediction.task).background)
         if original is not None:
             with st.expander("Your image as uploaded"):
-                st.image(original)
+                st.image(original, alt="Your image as uploaded")
 
 
 @st.fragment
@@ -193,6 +195,7 @@ def show_gradcam(prediction, task: str, key: str) -> None:
 
         heatmap = load_explainer(task)(prediction.model_input, prediction.class_index)
         st.image(with_colour_key(overlay(prediction.model_input, heatmap, opacity, size=196)), width=196,
+                 alt=aps.gradcam_alt(prediction),
                  caption=f"Grad-CAM for '{prediction.label}'. The strip underneath is the colour scale: blue "
                          "influenced the model least, red most. A coarse map of where its evidence lay, not an "
                          "outline of a cell or lesion.")

@@ -220,6 +220,25 @@ def _crop_share(prediction) -> Optional[float]:
     return centre_crop_share(prediction.source_size, get_task(prediction.task)) if prediction.source_size else None
 
 
+# What each task's images show, for screen readers (st.image's alt text; a caption is not an accessible name).
+IMAGE_KIND = {"blood": "Microscope image of one stained blood cell",
+              "breast": "Breast ultrasound image"}
+
+
+def sample_alt(task: str) -> str:
+    return f"{IMAGE_KIND[task]} from the MedMNIST test split"
+
+
+def model_view_alt(prediction) -> str:
+    size = get_task(prediction.task).image_size
+    return f"{IMAGE_KIND[prediction.task]}: the {size}×{size}-pixel input the model classified, enlarged"
+
+
+def gradcam_alt(prediction) -> str:
+    return (f"Grad-CAM heatmap over the model's input, showing where the evidence for {prediction.label} lay, "
+            "with a blue-to-red colour scale beneath it")
+
+
 def model_view_caption(prediction) -> str:
     """What 'What the model saw' shows: the whole thumbnail, or the centre crop of a full-size image."""
     size = get_task(prediction.task).image_size

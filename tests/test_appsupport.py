@@ -369,6 +369,14 @@ def test_model_view_caption_says_when_the_centre_was_cropped(task, size, cropped
     assert not aps.was_centre_cropped(prediction) and "28×28 px input" in aps.model_view_caption(prediction)
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_image_the_app_shows_has_a_description_for_screen_readers(task):
+    prediction = fake_prediction(task, index=1)
+    assert aps.sample_alt(task).startswith(aps.IMAGE_KIND[task])
+    assert "28×28-pixel input" in aps.model_view_alt(prediction)
+    assert prediction.label in aps.gradcam_alt(prediction) and "colour scale" in aps.gradcam_alt(prediction)
+
+
 def test_predictions_keep_the_uploads_size(predictors):
     prediction = predictors["blood"].predict(Image.fromarray(np.full((363, 360, 3), 200, np.uint8)))
     assert prediction.source_size == (360, 363)
