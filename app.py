@@ -31,8 +31,8 @@ def load_predictor(task: str):
     from medclassify.inference import get_predictor
 
     # TensorFlow keeps its default thread pools (or $MEDCLASSIFY_TF_INTRA_OP_THREADS). The int8 copies that
-    # serve barely notice the setting, but float models (MEDCLASSIFY_SERVING_PRECISION=float) lost 38-49% of
-    # their batch throughput to one intra-op thread (benchmarks/RESULTS.md, "runtime settings").
+    # serve barely notice the setting, but the float candidate models lost 38-49% of their batch throughput
+    # to one intra-op thread (benchmarks/RESULTS.md, "runtime settings"), so float serving might too.
     return get_predictor(task)
 
 
@@ -189,7 +189,7 @@ def show_model_view(prediction, data: bytes | None) -> None:
 def show_gradcam(prediction, task: str, key: str) -> None:
     """The overlay and its opacity slider (a fragment: moving the slider redraws only this)."""
     opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.5, 0.05, key=f"opacity_{key}",
-                        help="0 shows only the image, 1 only the heatmap.")
+                        help="0 shows only the image, 1 only the heatmap. The colour scale underneath stays.")
     try:
         from medclassify.explain import overlay, with_colour_key
 

@@ -220,7 +220,8 @@ def _crop_share(prediction) -> Optional[float]:
     return centre_crop_share(prediction.source_size, get_task(prediction.task)) if prediction.source_size else None
 
 
-# What each task's images show, for screen readers (st.image's alt text; a caption is not an accessible name).
+# What each task's sample images show, for screen readers (st.image's alt text; a caption is not an
+# accessible name). Only for the samples: what an upload shows is not known.
 IMAGE_KIND = {"blood": "Microscope image of one stained blood cell",
               "breast": "Breast ultrasound image"}
 
@@ -230,8 +231,10 @@ def sample_alt(task: str) -> str:
 
 
 def model_view_alt(prediction) -> str:
+    # Says what the view is, not what the picture shows: an upload may be anything (this view is also shown
+    # beside the "unlike the training data" warning).
     size = get_task(prediction.task).image_size
-    return f"{IMAGE_KIND[prediction.task]}: the {size}×{size}-pixel input the model classified, enlarged"
+    return f"Your image as the model saw it: {size}×{size} pixels, enlarged"
 
 
 def gradcam_alt(prediction) -> str:

@@ -278,10 +278,13 @@ def _unwritable_model_path(out: str) -> str:
     # `--out runs/x.h5` on a fresh clone: runs/ is ignored by git and absent. The save makes it, so only the
     # nearest folder that exists has to be one, and writable.
     existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"folder {folder} cannot be created: {existing} is a file"
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"folder {folder} cannot be created: {existing} is a file"
+    except OSError as exc:  # a folder on the way that cannot be looked into (permissions)
+        return f"folder {folder} cannot be created ({exc.strerror or exc})"
     if not os.access(existing, os.W_OK):
         return f"folder {existing} is not writable"
     return ""

@@ -53,6 +53,12 @@ def select_task(at: AppTest, task: str) -> AppTest:
     return at
 
 
+def assert_every_image_has_alt_text(at: AppTest) -> None:
+    """Screen readers name a picture by its alt text; a visible caption does not count."""
+    pictures = [picture for element in at.image for picture in element.proto.imgs]
+    assert pictures and all(picture.alt.strip() for picture in pictures), [p.caption for p in pictures]
+
+
 def upload(at: AppTest, files) -> AppTest:
     at.file_uploader(key=f"upload_{at.radio(key='task').value}").set_value(files).run()
     assert not at.exception, at.exception
@@ -144,6 +150,7 @@ def test_upload_one_image(task):
     image_captions = " ".join(c for image in at.image for c in image.captions)
     assert "What the model saw" in image_captions and "Grad-CAM" in image_captions
     assert "colour scale" in image_captions  # the key drawn under the heatmap is explained
+    assert_every_image_has_alt_text(at)
     if spec.decision == "threshold":
         verdicts = texts(at.warning) + texts(at.info)
         assert (aps.BREAST_POSITIVE in verdicts) != (aps.BREAST_NEGATIVE in verdicts)
@@ -193,6 +200,8 @@ def test_ood_warning_instead_of_a_label():
     assert "grayscale" in warnings[0]  # the reason from ood.py
     expanders = [e.label for e in at.expander]
     assert any("unreliable" in label for label in expanders)
+    assert_every_image_has_alt_text(at)
+    assert all("blood cell" not in p.alt for e in at.image for p in e.proto.imgs)  # it is not one
     no_traceback(at)
 
 
@@ -220,6 +229,7 @@ def test_sample_gallery_one_click(task):
     at.radio(key="source").set_value("Sample gallery").run()
     samples = aps.list_samples(task)
     assert len(at.button) >= len(samples)
+    assert_every_image_has_alt_text(at)  # the tiles
     chosen = samples[-1]
     at.button(key=f"sample_{task}_{chosen.path.stem}").click().run()
     assert not at.exception

@@ -178,6 +178,18 @@ def test_train_checks_out_before_training(capsys, tmp_path, monkeypatch, out, pr
     assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
 
 
+def test_train_out_in_a_folder_that_cannot_be_looked_into_is_one_line(capsys, tmp_path, monkeypatch):
+    from medclassify import training
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)  # as stat() on a path under a folder without the x bit
+    monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("trained before checking --out"))
+    code, _, err = run_main(capsys, "train", "--task", "breast", "--out", tmp_path / "locked" / "m.h5")
+    assert code == 2 and "cannot be created (Permission denied)" in err and len(err.strip().splitlines()) == 1
+
+
 def test_train_makes_a_missing_out_folder_only_when_it_saves(capsys, tmp_path, monkeypatch):
     from medclassify import training
     from medclassify.data import DataError

@@ -45,6 +45,8 @@ def test_variant_config_overrides_and_errors():
     cfg = experiments.variant_config("breast", "cnn", epochs=3, seed=None)
     assert cfg.epochs == 3 and cfg.seed == experiments.VARIANTS["breast"]["cnn"].seed  # None keeps the default
     assert experiments.VARIANTS["breast"]["cnn"].epochs != 3  # the registry itself is not changed
+    with pytest.raises(ValueError, match="unknown variant 'nope' for blood"):
+        experiments.variant_config("blood", "nope")
 
 
 def test_the_recipes_cannot_be_changed_in_place():
@@ -54,8 +56,6 @@ def test_the_recipes_cannot_be_changed_in_place():
         experiments.SHIPPED["breast"] = "cnn"
     with pytest.raises(dataclasses.FrozenInstanceError):
         experiments.VARIANTS["breast"]["cnn"].epochs = 1
-    with pytest.raises(ValueError, match="unknown variant 'nope' for blood"):
-        experiments.variant_config("blood", "nope")
 
 
 def test_card_file_names_seeds(results_dir):
@@ -350,11 +350,15 @@ def test_ood_check_line_counts_only_the_answered_images_and_names_the_refused():
     check = {"command": "python -m medclassify ood-check --task breast --write-card", "precision": "int8",
              "test_flagged": 0.0192, "n_test": 156, "n_test_refused": 0,
              "cross_task_flagged": 1.0, "n_cross_task": 3421, "n_cross_task_refused": 0,
-             "photos_flagged": 91 / 92, "n_photos": 92, "n_photos_refused": 4}
+             "photos_flagged": 91 / 92, "n_photos": 92, "n_photos_refused": 4,
+             "photos_refusals": {"image is too small": 4}}
     line = experiments.ood_check_line(check)
     assert "on the features of the int8 copy that serves" in line
     assert "1.9% of the 156 official test images," in line
-    assert "98.9% of the 92 photograph crops it answered (4 more were refused" in line
+    assert "98.9% of the 92 photograph crops it answered (4 more were refused: image is too small)." in line
+    two = {**check, "photos_refusals": {"image is too small": 3, "not a recognised image file": 1}}
+    assert "(4 more were refused: image is too small: 3, not a recognised image file: 1)" in \
+        experiments.ood_check_line(two)
     older = {k: v for k, v in check.items() if "refused" not in k and k != "precision"}  # cards before the counts
     assert "refused" not in experiments.ood_check_line(older) and "int8" not in experiments.ood_check_line(older)
 
