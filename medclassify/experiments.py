@@ -254,7 +254,11 @@ def ood_check_line(check: dict) -> str:
     def share(name: str, what: str) -> str:
         refused = check.get(f"n_{name}_refused") or 0
         text = f"{check[f'{name}_flagged']:.1%} of the {check[f'n_{name}']} {what}"
-        return text + (f" it answered ({refused} more were refused as unreadable or too small)" if refused else "")
+        if not refused:
+            return text
+        reasons = check.get(f"{name}_refusals") or {}
+        why = ", ".join(reason if len(reasons) == 1 else f"{reason}: {count}" for reason, count in reasons.items())
+        return text + f" it answered ({refused} more were refused{': ' + why if why else ''})"
 
     served = ", on the features of the int8 copy that serves" if check.get("precision") == "int8" else ""
     return (f"Shipped model's \"unlike the training data\" rule (`{check['command']}`{served}): flags "

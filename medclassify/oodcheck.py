@@ -49,16 +49,22 @@ def photo_crops(per_photo: int = 12, seed: int = 0) -> list[Image.Image]:
     return crops
 
 
-def flag_counts(predictor, images) -> tuple[float, int, int]:
-    """(flagged share of the images the model answered, how many it answered, how many it refused).
+def flag_counts(predictor, images) -> tuple[float, int, dict[str, int]]:
+    """(flagged share of the images the model answered, how many it answered, why it refused the others).
 
-    A refused image ("too small" and the like) is neither flagged nor passed, so it counts in neither
-    the share nor its denominator, and is reported on its own.
+    A refused image ("image is too small" and the like) is neither flagged nor passed, so it counts in
+    neither the share nor its denominator; the refusals are counted by reason (the message up to its
+    details in brackets).
     """
-    results = [result for _, result in predictor.predict_many(images)]
-    flags = [result.ood for result in results if not isinstance(result, str)]
+    flags, refusals = [], {}
+    for _, result in predictor.predict_many(images):
+        if isinstance(result, str):
+            reason = result.split(" (", 1)[0].strip()
+            refusals[reason] = refusals.get(reason, 0) + 1
+        else:
+            flags.append(result.ood)
     share = float(np.mean(flags)) if flags else float("nan")
-    return share, len(flags), len(results) - len(flags)
+    return share, len(flags), refusals
 
 
 def ood_report(task: str, model_path=None, data_dir=None) -> dict:
@@ -74,6 +80,8 @@ def ood_report(task: str, model_path=None, data_dir=None) -> dict:
             "photos": photo_crops()}
     report = {"task": spec.name, "precision": predictor.precision}  # the OOD features differ between the two
     for name, images in sets.items():
-        share, answered, refused = flag_counts(predictor, images)
-        report.update({f"{name}_flagged": share, f"n_{name}": answered, f"n_{name}_refused": refused})
+        share, answered, refusals = flag_counts(predictor, images)
+        report.update({f"{name}_flagged": share, f"n_{name}": answered, f"n_{name}_refused": sum(refusals.values())})
+        if refusals:
+            report[f"{name}_refusals"] = refusals
     return report

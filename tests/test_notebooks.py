@@ -83,6 +83,23 @@ def test_committed_outputs_match_shipped_cards(run_notebooks, task):
 
 
 @pytest.mark.parametrize("task", TASKS)
+def test_committed_comparison_table_is_the_current_one(run_notebooks, task):
+    """The variants table in the committed outputs is what `experiments.comparison_table` gives now (the
+    README's and results/comparison.md's table): a change to the cards or the table's format means
+    re-running `make notebooks`."""
+    from medclassify import experiments
+
+    committed = nbformat.read(str(run_notebooks.NOTEBOOKS[task]), as_version=4)
+    markdown = [output.get("data", {}).get("text/markdown", "") for cell in committed.cells
+                if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    shown = [text for text in markdown if "Variant cards in" in text]
+    if not shown:
+        pytest.skip(f"{run_notebooks.NOTEBOOKS[task].name} has no outputs yet: run `make notebooks`")
+    assert len(shown) == 1 and shown[0].endswith(experiments.comparison_table(task)), \
+        "the notebook shows another comparison table than the cards give now: re-run `make notebooks`"
+
+
+@pytest.mark.parametrize("task", TASKS)
 def test_smoke_mode_never_overwrites_the_committed_notebook(run_notebooks, task):
     notebook = run_notebooks.NOTEBOOKS[task]
     with pytest.raises(ValueError, match="never overwrites"):

@@ -200,6 +200,6 @@ def test_flag_counts_leaves_refused_images_out_of_the_share():
             for name, kind in enumerate(images):
                 yield name, ("image is too small (14x14)" if kind == "small" else SimpleNamespace(ood=kind == "odd"))
 
-    assert flag_counts(Stub(), ["odd", "fine", "small", "odd", "small"]) == (2 / 3, 3, 2)
-    share, answered, refused = flag_counts(Stub(), ["small"])
-    assert np.isnan(share) and (answered, refused) == (0, 1)
+    assert flag_counts(Stub(), ["odd", "fine", "small", "odd", "small"]) == (2 / 3, 3, {"image is too small": 2})
+    share, answered, refusals = flag_counts(Stub(), ["small"])
+    assert np.isnan(share) and answered == 0 and refusals == {"image is too small": 1}
