@@ -10,7 +10,7 @@ PORT   ?= 8501
 # constraints.txt fixes the versions of everything installed, dependencies of dependencies included.
 $(BIN)/.runtime: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip -c constraints.txt
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel -c constraints.txt
 	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/pip install --quiet --no-deps -e .   # the `medclassify` command
 	touch $@
@@ -36,12 +36,7 @@ benchmark: setup-dev
 
 # After changing requirements*.txt: resolve them afresh in a scratch environment and record every version.
 lock:
-	set -e; scratch=$$(mktemp -d); \
-	$(PYTHON) -m venv $$scratch; \
-	$$scratch/bin/pip install --quiet --upgrade pip; \
-	$$scratch/bin/pip install --quiet -r requirements-dev.txt; \
-	{ sed -n '1,2p' constraints.txt; $$scratch/bin/pip freeze --all | grep -v -e '^#' -e '^-e' | sort -f; } > constraints.new; \
-	mv constraints.new constraints.txt; rm -rf $$scratch
+	PYTHON=$(PYTHON) scripts/lock_dependencies.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
