@@ -213,11 +213,11 @@ def percent(p: float) -> str:
     return f"{p:.1%}"
 
 
-def _crop_share(prediction) -> Optional[float]:
-    """The share of the upload's shorter side that MedMNIST's centre crop kept, or None (no crop, or no size)."""
-    from .preprocessing import centre_crop_share
+def _crop_side(prediction) -> Optional[int]:
+    """The side of the centre square MedMNIST's crop kept of the upload, or None (no crop, or no size)."""
+    from .preprocessing import centre_crop_side
 
-    return centre_crop_share(prediction.source_size, get_task(prediction.task)) if prediction.source_size else None
+    return centre_crop_side(prediction.source_size, get_task(prediction.task)) if prediction.source_size else None
 
 
 # What each task's sample images show, for screen readers (st.image's alt text; a caption is not an
@@ -244,18 +244,19 @@ def gradcam_alt(prediction) -> str:
 
 def model_view_caption(prediction) -> str:
     """What 'What the model saw' shows: the whole thumbnail, or the centre crop of a full-size image."""
-    size = get_task(prediction.task).image_size
-    share = _crop_share(prediction)
-    if share:
+    spec = get_task(prediction.task)
+    size = spec.image_size
+    side = _crop_side(prediction)
+    if side is not None:
         width, height = prediction.source_size
-        side = max(1, round(min(width, height) * share))
+        share = spec.source_center_crop
         return (f"What the model saw: a centre square of {side}×{side} px ({share:.0%} of the shorter side, "
                 f"MedMNIST's crop) of your {width}×{height} image, reduced to {size}×{size} px and enlarged here")
     return f"What the model saw: the {size}×{size} px input, enlarged with nearest neighbour"
 
 
 def was_centre_cropped(prediction) -> bool:
-    return _crop_share(prediction) is not None
+    return _crop_side(prediction) is not None
 
 
 def close_call(prediction) -> Optional[str]:

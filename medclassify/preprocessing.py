@@ -471,9 +471,12 @@ def is_medmnist_thumbnail(size: tuple[int, int]) -> bool:
     return width == height and width in MEDMNIST_SIZES
 
 
-def centre_crop_share(size: tuple[int, int], spec: TaskSpec) -> float | None:
-    """The share of the shorter side that MedMNIST's centre crop keeps of an image this size, or None."""
-    return None if is_medmnist_thumbnail(size) or not spec.source_center_crop else spec.source_center_crop
+def centre_crop_side(size: tuple[int, int], spec: TaskSpec) -> int | None:
+    """The side in pixels of the centre square MedMNIST's crop keeps of an image this size, or None (a
+    thumbnail, or a dataset whose source images were not cropped)."""
+    if is_medmnist_thumbnail(size) or not spec.source_center_crop:
+        return None
+    return max(1, round(min(size) * spec.source_center_crop))
 
 
 def medmnist_geometry(image: Image.Image, spec: TaskSpec) -> Image.Image:
@@ -481,8 +484,8 @@ def medmnist_geometry(image: Image.Image, spec: TaskSpec) -> Image.Image:
     width, height = image.size
     size = spec.image_size
     is_thumbnail = is_medmnist_thumbnail(image.size)
-    if centre_crop_share(image.size, spec):
-        side = max(1, round(min(width, height) * spec.source_center_crop))
+    side = centre_crop_side(image.size, spec)
+    if side is not None:
         if side < size:
             raise ImageError(f"image is too small ({width}x{height}): the centre crop MedMNIST takes of "
                              f"a full-size image would leave only {side}x{side} pixels, fewer than the "
