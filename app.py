@@ -101,21 +101,22 @@ def sample_items(task: str) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     gallery = st.expander("Sample gallery: pick another image") if chosen else st.container()
     with gallery:
         st.caption("Images from the official MedMNIST **test** split (never used for training), the first "
-                   "few of each class in the split's order; the true class is under each image. Click **Try** to "
-                   "classify one. They were not picked to flatter the model: it gets some wrong, and a few "
-                   "get the 'unlike the training data' warning, as its test numbers predict.")
+                   "few of each class in the split's order. The button under each image names its true class: "
+                   "click it to classify the image. They were not picked to flatter the model: it gets some wrong, "
+                   "and a few get the 'unlike the training data' warning, as its test numbers predict.")
         per_row = 8
         for start in range(0, len(samples), per_row):
             columns = st.columns(per_row, vertical_alignment="bottom")
             for column, sample in zip(columns, samples[start:start + per_row]):
                 with column:
                     try:
-                        st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84, caption=sample.caption,
+                        st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84,
                                  alt=aps.sample_alt(task))
                     except Exception:
-                        st.caption(sample.caption)
-                    st.button("Try", key=f"sample_{task}_{sample.path.stem}", on_click=_pick_sample,
-                              args=(task, sample.name), width="stretch")
+                        st.caption("(preview unavailable)")  # the button below still names the sample
+                    # The button carries the true class, so each one has its own accessible name.
+                    st.button(sample.caption, key=f"sample_{task}_{sample.path.stem}", on_click=_pick_sample,
+                              args=(task, sample.name), help=f"Classify {sample.caption}", width="stretch", wrap=True)
         st.button(f"Classify all {len(samples)} samples", key=f"sample_{task}_all", on_click=_pick_sample,
                   args=(task, "*"))
     if not chosen:
