@@ -49,14 +49,16 @@ def export_savedmodel(task: str, out: str | os.PathLike, model_path: Optional[st
 
     spec = get_task(task)
     model_path = Path(model_path) if model_path else spec.model_path
-    model = load_model(model_path, spec)  # first: a missing model file is the error, not the target folder
+    if not model_path.is_file():  # first: a missing model file is the error, not the target folder
+        raise FileNotFoundError(f"model file {model_path} not found")
     out = Path(out)
     if version is None and out.name.isdigit():
         target = out
     else:
         target = out / str(version if version is not None else _next_version(out))
-    if target.exists() and any(target.iterdir()):
+    if target.exists() and any(target.iterdir()):  # before the model load, which takes seconds
         raise FileExistsError(f"{target} already exists; export to a new version folder")
+    model = load_model(model_path, spec)
 
     graph, n_inputs = serving_model(model, features=False)
     threshold = decision_threshold(read_card(model_path), spec, model_path.name)

@@ -79,6 +79,18 @@ def test_versions_increment_and_never_overwrite(tiny_models, tmp_path):
         export_savedmodel("breast", tmp_path / "other", tmp_path / "missing.h5")
 
 
+def test_existing_version_refused_before_the_model_loads(tiny_models, tmp_path, monkeypatch):
+    import medclassify.models
+
+    target = tmp_path / "breast" / "3"
+    target.mkdir(parents=True)
+    (target / "saved_model.pb").write_bytes(b"")
+    monkeypatch.setattr(medclassify.models, "load_model", lambda *a, **k: pytest.fail("model loaded first"))
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_savedmodel("breast", target, tiny_models["breast"].path)
+    assert [p.name for p in target.iterdir()] == ["saved_model.pb"]
+
+
 def test_cli_export(tiny_models, tmp_path, capsys):
     base = tmp_path / "blood"
     code = cli.main(["export", "--task", "blood", "--format", "savedmodel", "--model", str(tiny_models["blood"].path),
