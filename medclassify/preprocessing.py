@@ -323,6 +323,8 @@ def _dicom_to_image(data: bytes, bare: bool = False) -> Image.Image:
         raise ImageError("DICOM file holds no image (no Rows and Columns)") from None
     # Before decoding: a few kilobytes of RLE can claim gigapixels, and pydicom allocates what the header says.
     _check_dimensions((columns, rows))
+    if _jp2_header_never_ends(dataset):
+        raise ImageError("DICOM JPEG 2000 data is malformed (a JP2 header box of length 0 hides the image)")
     try:
         pixels = pixel_array(dataset, index=0)  # multi-frame (cine loops): the first frame, the others undecoded
     except Exception as exc:
@@ -336,6 +338,37 @@ def _dicom_to_image(data: bytes, bare: bool = False) -> Image.Image:
         raise
     except Exception as exc:  # a malformed LUT or window element
         raise ImageError(f"DICOM file could not be displayed ({first_line(exc)})") from None
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+
+
+def _jp2_header_never_ends(dataset) -> bool:
+    """True for a JPEG 2000 frame on which pydicom (3.0) would loop for ever before decoding.
+
+    pydicom walks the JP2 boxes in front of the codestream box ('jp2c') by their lengths; a box of length 0
+    (legal only as the file's last box) never moves the walk on. A ~150-byte file would hold a CPU core for
+    good, so the first frame's boxes are walked here first, the same way, to the codestream box or the end.
+    """
+    try:
+        from pydicom.encaps import get_frame
+
+        if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+            return False
+        frame = get_frame(dataset.PixelData, 0, number_of_frames=int(dataset.get("NumberOfFrames") or 1))
+    except Exception:  # not encapsulated, or no frame to find: the decoder gives its own reason
+        return False
+    if not frame.startswith(_JP2_SIGNATURE):
+        return False
+    offset = len(_JP2_SIGNATURE) + 4  # the signature box is always 12 bytes
+    while offset < len(frame):
+        if frame[offset + 4:offset + 8] == b"jp2c":
+            return False
+        length = int.from_bytes(frame[offset:offset + 4], "big")
+        if length == 0:
+            return True
+        offset += length
+    return False
 
 
 def _dicom_decoder_available(dataset) -> bool:

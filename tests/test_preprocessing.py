@@ -814,6 +814,56 @@ def test_dicom_without_pixels(tmp_path):
     assert_one_line(str(info.value))
 
 
+def jpeg2000_dicom(frame: bytes, shape: tuple[int, int]) -> bytes:
+    """An 8-bit grayscale DICOM file whose one frame is ``frame``, encapsulated as JPEG 2000 Lossless."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEG2000Lossless
+    ds = FileDataset("scan.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_jpeg2000_dicom_with_a_zero_length_header_box_is_refused_not_looped_on():
+    """pydicom 3.0 walks JP2 boxes by their length; one of length 0 held a CPU core for ever (a 150-byte file)."""
+    import threading
+
+    pixels = gradient(64, 64, 1).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, "JPEG2000", irreversible=False, no_jp2=False)  # lossless, JP2 boxes
+    assert encoded.getvalue().startswith(b"\x00\x00\x00\x0cjP  ")
+    np.testing.assert_array_equal(to_model_input(jpeg2000_dicom(encoded.getvalue(), pixels.shape), "breast"),
+                                  to_model_input(png_bytes(Image.fromarray(pixels)), "breast"))  # a well-formed one is read
+
+    malformed = jpeg2000_dicom(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 100, pixels.shape)
+    outcome = []
+
+    def attempt():
+        try:
+            prepare(malformed, "breast")
+        except ImageError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=attempt, daemon=True)  # a daemon: a regression must not hang the run
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "still decoding after 20 s"
+    assert outcome and "JPEG 2000" in outcome[0]
+    assert_one_line(outcome[0])
+
+
 def test_dicom_without_preamble_and_broken_dicom(tmp_path):
     path = write_dicom(tmp_path / "scan.dcm", gradient(32, 32, 1).astype(np.uint16))
     data = path.read_bytes()
