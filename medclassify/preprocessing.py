@@ -194,11 +194,14 @@ def _read_bytes(source) -> bytes:
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"no such file: {path}")
-        if path.stat().st_size > MAX_BYTES:
-            raise ImageError(f"file is larger than {MAX_BYTES // (1024 * 1024)} MB")
-        data = path.read_bytes()
+        try:
+            if not path.is_file():
+                raise ImageError(f"not a file: {path}" if path.exists() else f"no such file: {path}")
+            if path.stat().st_size > MAX_BYTES:
+                raise ImageError(f"file is larger than {MAX_BYTES // (1024 * 1024)} MB")
+            data = path.read_bytes()
+        except OSError as exc:  # no permission, a folder that cannot be looked into: the system's reason
+            raise ImageError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
     elif hasattr(source, "read"):  # file-like, e.g. Streamlit's UploadedFile
         data = source.read()
     else:

@@ -332,11 +332,28 @@ def test_unsupported_source_types(source):
         prepare(source, "blood")
 
 
-def test_missing_file_and_folder(tmp_path):
+def test_missing_file_folder_fifo_and_unreadable_file(tmp_path, monkeypatch):
+    import os
+    import pathlib
+
     with pytest.raises(ImageError, match="no such file"):
         prepare(tmp_path / "missing.png", "blood")
-    with pytest.raises(ImageError, match="no such file"):
+    with pytest.raises(ImageError, match="not a file"):
         prepare(str(tmp_path), "blood")
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageError, match="not a file"):
+        prepare(tmp_path / "pipe.png", "blood")  # never opened: reading a FIFO would wait for a writer
+
+    path = tmp_path / "locked.png"
+    path.write_bytes(png_bytes(Image.fromarray(gradient(40, 40))))
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)  # tests run as root, where chmod 000 still reads
+    with pytest.raises(ImageError, match="cannot read .*locked.png: Permission denied") as info:
+        prepare(path, "blood")
+    assert_one_line(str(info.value))
 
 
 def test_too_many_bytes(tmp_path, monkeypatch):
