@@ -49,6 +49,8 @@ from .registry import TaskSpec, get_task
 #: Environment variables read by ``configure_threads`` when a process builds its first ``Predictor``.
 THREADS_ENV = "MEDCLASSIFY_TF_INTRA_OP_THREADS"
 SINGLE_RUNTIME_ENV = "MEDCLASSIFY_SINGLE_IMAGE_RUNTIME"  # "tflite" (default) or "tensorflow"
+#: A server's model file for a task, instead of the shipped one: $MEDCLASSIFY_BLOOD_MODEL, $MEDCLASSIFY_BREAST_MODEL.
+MODEL_ENV = "MEDCLASSIFY_{TASK}_MODEL"
 
 #: What the CLI and the app say instead of a label for an image unlike the training data.
 NO_ANSWER = "no reliable answer"
@@ -262,6 +264,14 @@ class LiteSingleImage:
 
 def _as_list(outputs) -> list:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def served_model_path(task: str) -> Path:
+    """The model file a server loads for ``task``: ``$MEDCLASSIFY_<TASK>_MODEL`` (a retrained model, served
+    without replacing the shipped one), else the shipped model."""
+    spec = get_task(task)
+    chosen = os.environ.get(MODEL_ENV.format(TASK=spec.name.upper()), "").strip()
+    return Path(chosen).expanduser() if chosen else spec.model_path
 
 
 def serving_runtime(default: str = "tflite") -> str:
@@ -480,11 +490,13 @@ _PREDICTORS_LOCK = threading.Lock()
 def get_predictor(task: str, model_path: Optional[str] = None) -> Predictor:
     """Process-wide cache for servers: each model is loaded, converted for single images and warmed once.
 
-    Single images run on TensorFlow Lite unless ``$MEDCLASSIFY_SINGLE_IMAGE_RUNTIME`` says otherwise:
-    a server pays the conversion once and then answers every user faster.
+    Without ``model_path``, the model of ``served_model_path``. Single images run on TensorFlow Lite unless
+    ``$MEDCLASSIFY_SINGLE_IMAGE_RUNTIME`` says otherwise: a server pays the conversion once and then answers
+    every user faster.
     """
     spec = get_task(task)
-    key = (spec.name, str(Path(model_path or spec.model_path).resolve()))
+    model_path = Path(model_path) if model_path else served_model_path(spec.name)
+    key = (spec.name, str(model_path.resolve()))
     with _PREDICTORS_LOCK:
         if key not in _PREDICTORS:
             _PREDICTORS[key] = Predictor(spec, model_path, single_image_runtime=serving_runtime())

@@ -418,6 +418,27 @@ def test_a_model_the_operator_must_fix_says_why(monkeypatch, error):
         st.cache_resource.clear()
 
 
+def test_the_environment_names_the_served_model(monkeypatch, tiny_models, tmp_path):
+    """$MEDCLASSIFY_BREAST_MODEL serves a retrained model without replacing the shipped one."""
+    import streamlit as st
+
+    image = sample("breast")  # picked by the shipped model, before the setting
+    st.cache_resource.clear()
+    try:
+        monkeypatch.setenv("MEDCLASSIFY_BREAST_MODEL", str(tiny_models["breast"].path))
+        at = upload(select_task(new_app(), "breast"), [image])
+        assert len(predicted_labels(at)) == 1 or at.warning  # the tiny model may call it unlike its training data
+        assert any("Model file: tiny_breast.h5" in c.value for c in at.caption)  # the About tab names it
+
+        st.cache_resource.clear()
+        monkeypatch.setenv("MEDCLASSIFY_BREAST_MODEL", str(tmp_path / "retrained.h5"))
+        at = select_task(new_app(), "breast")
+        assert len(at.error) == 1 and "model file retrained.h5 not found" in at.error[0].value
+    finally:
+        monkeypatch.undo()
+        st.cache_resource.clear()
+
+
 def test_explainer_that_cannot_be_built_costs_only_the_overlay(monkeypatch):
     import streamlit as st
 

@@ -155,6 +155,21 @@ def test_single_image_runtime_defaults_and_overrides(tiny_models, monkeypatch):
         Predictor("blood", tiny_models["blood"].path, single_image_runtime="onnx")
 
 
+def test_the_environment_names_a_servers_model(tiny_models, monkeypatch):
+    from medclassify import inference
+
+    for task in ("blood", "breast"):
+        monkeypatch.delenv(f"MEDCLASSIFY_{task.upper()}_MODEL", raising=False)
+        assert inference.served_model_path(task) == get_task(task).model_path  # the shipped one
+    monkeypatch.setenv("MEDCLASSIFY_BLOOD_MODEL", f"  {tiny_models['blood'].path}\n")
+    monkeypatch.setenv("MEDCLASSIFY_BREAST_MODEL", "")  # set but empty: the shipped one
+    assert inference.served_model_path("blood") == tiny_models["blood"].path
+    assert inference.served_model_path("breast") == get_task("breast").model_path
+    monkeypatch.setattr(inference, "_PREDICTORS", {})
+    assert get_predictor("blood").model_path == tiny_models["blood"].path
+    assert get_predictor("blood", get_task("blood").model_path).model_path == get_task("blood").model_path
+
+
 @pytest.mark.parametrize("setting", [{"MEDCLASSIFY_SERVING_PRECISION": "fp16"}, {"runtime": "onnx"}])
 def test_bad_serving_settings_are_reported_before_the_model_loads(monkeypatch, setting):
     from medclassify import models
