@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-sensitivity", type=float, default=0.95,
                    help="breast: validation sensitivity for malignant the threshold must keep")
     t.add_argument("--out", required=True,
-                   help="output .h5 (a missing folder is made); its card and OOD statistics go beside it (the "
-                        "shipped models are replaced only by `ship`)")
+                   help="output .h5 (a missing folder is made); its card and OOD statistics go beside it (never a "
+                        "shipped model: those are replaced only by `ship`)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (its card, OOD statistics and int8 copy go with it)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
     e = sub.add_parser("evaluate", help="metrics of a saved model on an official split")
@@ -243,7 +245,7 @@ def _train(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out
-    problem = _unwritable_model_path(out)
+    problem = _unwritable_model_path(out, overwrite=args.overwrite)
     if problem:  # found now, not after the whole training run
         print(f"error: --out {out}: {problem}", file=sys.stderr)
         return 2
@@ -269,11 +271,17 @@ def _train(args) -> int:
     return 0
 
 
-def _unwritable_model_path(out: str) -> str:
+def _unwritable_model_path(out: str, overwrite: bool = False) -> str:
     """Why ``out`` cannot take a saved model, or ''.  Creates nothing: a run that fails leaves no folder."""
+    from .registry import TASKS
+
     path = Path(out)
     if path.suffix not in (".h5", ".keras"):
         return "the model file must end in .h5 (or .keras)"
+    for spec in TASKS.values():  # the app and the CLI's defaults serve these; `ship` checks what replaces them
+        if path.resolve() == spec.model_path.resolve():
+            return (f"{spec.model_path.name} is the shipped {spec.name} model; train to another file (the app "
+                    f"serves it with MEDCLASSIFY_{spec.name.upper()}_MODEL=<file>)")
     folder = path.parent if str(path.parent) else Path(".")
     # `--out runs/x.h5` on a fresh clone: runs/ is ignored by git and absent. The save makes it, so only the
     # nearest folder that exists has to be one, and writable.
@@ -283,6 +291,8 @@ def _unwritable_model_path(out: str) -> str:
             existing = existing.parent
         if not existing.is_dir():
             return f"folder {folder} cannot be created: {existing} is a file"
+        if path.exists() and not overwrite:
+            return "the file exists; add --overwrite to replace it"
     except OSError as exc:  # a folder on the way that cannot be looked into (permissions)
         return f"folder {folder} cannot be created ({exc.strerror or exc})"
     if not os.access(existing, os.W_OK):

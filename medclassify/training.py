@@ -412,8 +412,15 @@ def save_trained(result: TrainResult, out: str | os.PathLike, command: Optional[
         # models and the app load it), so that one notice is dropped; any other message still shows.
         return "considered legacy" not in record.getMessage()
 
+    from .ood import ood_path
+    from .quantization import head_path, quantized_path
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Files derived from a model saved here before would answer for this one (the app and CLI prefer the int8
+    # copy), so they go first; the caller fits new OOD statistics, `quantize` makes a new int8 copy.
+    for stale in (quantized_path(out), head_path(out), ood_path(out)):
+        stale.unlink(missing_ok=True)
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(not_the_legacy_notice)
     try:

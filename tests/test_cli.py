@@ -178,6 +178,41 @@ def test_train_checks_out_before_training(capsys, tmp_path, monkeypatch, out, pr
     assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_train_never_writes_over_a_shipped_model(capsys, monkeypatch, task):
+    """Not even the other task's: a breast model saved as model_blood.h5 broke every blood prediction."""
+    from medclassify import training
+
+    monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("trained before checking --out"))
+    for shipped in ("blood", "breast"):
+        path = get_task(shipped).model_path
+        for out in (path, Path(os.path.relpath(path)), path.parent / "." / path.name):
+            code, _, err = run_main(capsys, "train", "--task", task, "--out", out, "--overwrite")
+            assert code == 2 and f"is the shipped {shipped} model" in err, (out, err)
+            assert f"MEDCLASSIFY_{shipped.upper()}_MODEL" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_replaces_an_existing_file_only_with_overwrite(capsys, tmp_path, monkeypatch, tiny_models):
+    """With --overwrite, the old model's int8 copy and OOD statistics go: they would answer for the new one."""
+    from medclassify import ood, training
+    from medclassify.quantization import head_path, quantized_path
+
+    out = tmp_path / "m.h5"
+    out.write_bytes(b"an earlier model")
+    monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("trained before checking --out"))
+    code, _, err = run_main(capsys, "train", "--task", "breast", "--out", out)
+    assert code == 2 and "exists; add --overwrite" in err and out.read_bytes() == b"an earlier model"
+
+    for stale in (quantized_path(out), head_path(out), ood.ood_path(out)):
+        stale.write_bytes(b"derived from the earlier model")
+    monkeypatch.setattr(training, "train", lambda cfg: tiny_models["breast"].result)
+    monkeypatch.setattr(ood, "fit_ood", lambda task, model, data_dir=None: {})
+    code, stdout, err = run_main(capsys, "train", "--task", "breast", "--out", out, "--overwrite")
+    assert code == 0, err
+    assert out.read_bytes() != b"an earlier model" and json.loads(stdout)["validation"]["model"] == str(out)
+    assert not quantized_path(out).exists() and not head_path(out).exists() and not ood.ood_path(out).exists()
+
+
 def test_train_out_in_a_folder_that_cannot_be_looked_into_is_one_line(capsys, tmp_path, monkeypatch):
     from medclassify import training
 
