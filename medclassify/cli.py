@@ -531,9 +531,10 @@ def _experiment(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        card = run_variant(args.task, args.variant, seed=args.seed, data_dir=args.data_dir,
-                           bootstrap=args.bootstrap, command=_command_line(args), epochs=args.epochs,
-                           limit=args.limit)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras's progress: stdout is only the JSON line, as in train
+            card = run_variant(args.task, args.variant, seed=args.seed, data_dir=args.data_dir,
+                               bootstrap=args.bootstrap, command=_command_line(args), epochs=args.epochs,
+                               limit=args.limit)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -568,8 +569,13 @@ def _report(args) -> int:
 
 def _ship(args) -> int:
     from .data import DataError
-    from .experiments import ship
+    from .experiments import SHIPPED, ship, variant_config
 
+    try:
+        variant_config(args.task, args.variant or SHIPPED[args.task])
+    except ValueError as exc:  # an unknown variant is a usage error, as in `experiment`
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         print(ship(args.task, args.variant, args.seed, data_dir=args.data_dir))
     except (DataError, FileNotFoundError, ValueError) as exc:

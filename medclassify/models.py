@@ -127,6 +127,27 @@ def vgg16_weights_path(weights: Optional[str] = None) -> str:
     return weights or os.environ.get("VGG16_WEIGHTS") or "imagenet"
 
 
+def _imagenet_vgg16(keras, weights: str, input_size: int):
+    """VGG16's convolutional base with ImageNet weights; a missing file or a failed download is a one-line
+    ``DataError`` (Keras raises a bare ``Exception`` with the URL, or a ``ValueError`` about 'weights')."""
+    from pathlib import Path
+
+    from .data import DataError
+    from .preprocessing import first_line
+
+    if weights != "imagenet":
+        weights = str(Path(weights).expanduser())
+        if not Path(weights).is_file():
+            raise DataError(f"VGG16 weights file {weights} not found (--vgg16-weights or $VGG16_WEIGHTS)")
+    try:
+        return keras.applications.VGG16(include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
+    except Exception as exc:
+        if weights != "imagenet":
+            raise DataError(f"VGG16 weights file {weights} could not be loaded ({first_line(exc)})") from None
+        raise DataError(f"the VGG16 ImageNet weights could not be downloaded ({first_line(exc)}); set "
+                        "VGG16_WEIGHTS (or --vgg16-weights) to a local vgg16 'notop' .h5") from None
+
+
 def build_vgg16(task: str | TaskSpec, weights: Optional[str] = None, augment: bool = True,
                 input_size: int = 32, dropout: float = 0.4, trainable_base: bool = False,
                 name: Optional[str] = None, augmentation: str = "default"):
@@ -153,8 +174,7 @@ def build_vgg16(task: str | TaskSpec, weights: Optional[str] = None, augment: bo
             kernel[0, 0, rgb, bgr] = 1.0
     caffe.set_weights([kernel, -_VGG_BGR_MEANS])
 
-    base = keras.applications.VGG16(include_top=False, weights=vgg16_weights_path(weights),
-                                    input_shape=(input_size, input_size, 3))
+    base = _imagenet_vgg16(keras, vgg16_weights_path(weights), input_size)
     for layer in base.layers[1:]:
         layer.trainable = trainable_base
         x = layer(x)

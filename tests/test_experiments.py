@@ -247,14 +247,17 @@ def test_a_shortened_experiment_is_a_trial_that_report_leaves_out(results_dir, f
                                                                   monkeypatch, capsys):
     """--epochs/--limit change the recipe: such a run must not overwrite the variant's card or reach the README."""
     monkeypatch.setitem(experiments._VARIANTS["breast"], "tiny", experiments.TrainConfig(
-        task="breast", epochs=2, widths=(8, 16), batch_size=32, verbose=0))
+        task="breast", epochs=2, widths=(8, 16), batch_size=32, verbose=2))  # Keras prints per epoch
     real = results_dir / "breast" / "tiny.card.json"
     real.parent.mkdir(parents=True)
     real.write_text(json.dumps({"variant": "tiny", "validation": {"auc": 0.5}, "test": {"auc": 0.5}}))
     before = real.read_text()
     code = main(["experiment", "--task", "breast", "--variant", "tiny", "--data-dir", str(fixture_data_dir),
                  "--limit", "30", "--epochs", "1", "--bootstrap", "20"])
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stdout, err = capsys.readouterr()
+    assert len(stdout.splitlines()) == 1, stdout  # only the JSON line: Keras's progress goes to stderr
+    assert "- loss: " in err  # Keras's line for the epoch
+    out = json.loads(stdout)
     assert code == 0 and real.read_text() == before
     trial = results_dir / "trial" / "breast" / "tiny.card.json"
     assert out["card"] == str(trial) and json.loads(trial.read_text())["training"]["config"]["limit"] == 30
@@ -269,9 +272,10 @@ def test_a_shortened_experiment_is_a_trial_that_report_leaves_out(results_dir, f
     assert len(rows) == 1 and rows[0].split(" | ")[3] == "0.5000"  # the variant's own card, not the trial's
 
 
-@pytest.mark.parametrize("argv", [["--variant", "nope"], ["--variant", "cnn", "--epochs", "0"]])
+@pytest.mark.parametrize("argv", [["experiment", "--variant", "nope"], ["experiment", "--variant", "cnn", "--epochs", "0"],
+                                  ["ship", "--variant", "nope"]])
 def test_experiment_usage_errors_exit_2_in_one_line(capsys, argv):
-    code = main(["experiment", "--task", "breast", *argv])
+    code = main([argv[0], "--task", "breast", *argv[1:]])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
 

@@ -317,3 +317,29 @@ def test_ensemble_averages_member_logits(tmp_path):
     loaded = load_model(path)
     np.testing.assert_allclose(run(loaded, x), run(scaled, x), rtol=1e-5, atol=1e-6)
     assert model_temperature(loaded) == pytest.approx(2.0)
+
+
+def test_vgg16_weights_that_cannot_be_had_are_one_line(tmp_path, monkeypatch):
+    """A missing file, a damaged one, or no network for the ImageNet download: DataError, which the CLI
+    prints as one line (Keras says 'weights argument should be...' or raises a bare Exception)."""
+    import keras
+
+    from medclassify.data import DataError
+
+    with pytest.raises(DataError, match="VGG16 weights file .*nope.h5 not found") as info:
+        build_vgg16("breast", weights=str(tmp_path / "nope.h5"))
+    assert "\n" not in str(info.value)
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(b"not hdf5")
+    with pytest.raises(DataError, match="could not be loaded") as info:
+        build_vgg16("breast", weights=str(damaged))
+    assert "\n" not in str(info.value)
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- [Errno -3]\nmore")
+
+    monkeypatch.delenv("VGG16_WEIGHTS", raising=False)
+    monkeypatch.setattr(keras.applications, "VGG16", offline)
+    with pytest.raises(DataError, match="could not be downloaded .*URL fetch failure.*set VGG16_WEIGHTS") as info:
+        build_vgg16("breast")
+    assert "\n" not in str(info.value)
