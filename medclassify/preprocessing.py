@@ -257,8 +257,8 @@ def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None
     the caller knows it (DICOM's Bits Stored), else the one the data type declares (8 or 16 bits,
     booleans 0..1).  Only data that declares none (32-bit integer and float images, arrays of other
     types) is read by its values: [0, 1] for floats whose 99.5th percentile is at most 2, else 8, 16
-    or 32 bits, whichever holds 99.5% of the values.  Data whose 0.5th percentile is negative has no
-    convention, and NaN or infinite values none either: both are refused (``ImageError``), since any
+    or 32 bits, whichever holds 99.5% of the values.  Data whose 0.5th percentile is negative or beyond
+    32 bits has no convention, and NaN or infinite values none either: all are refused (``ImageError``), since any
     guess could change the answer without the user knowing.  Values outside the range
     are clipped.
     """
@@ -282,7 +282,11 @@ def _to_uint8(values: np.ndarray, value_range: tuple[float, float] | None = None
             if high <= 2.0 and not np.issubdtype(array.dtype, np.integer):
                 high = 1.0  # floats meant as 0..1 (a little overshoot from resampling is clipped)
             else:
-                high = next((2.0 ** b - 1 for b in (8, 16, 32) if high <= 2.0 ** b - 1), high)
+                bits = next((b for b in (8, 16, 32) if high <= 2.0 ** b - 1), None)
+                if bits is None:  # stretching to the image's own values would be a guess the user never sees
+                    raise ImageError(f"pixel values reach {float(array.max()):.4g}, beyond any standard range "
+                                     "(8, 16 or 32 bits); export the image as an 8-bit PNG or JPEG")
+                high = 2.0 ** bits - 1
             low = 0.0
         value_range = (low, high)
     low, high = value_range

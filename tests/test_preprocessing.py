@@ -632,8 +632,7 @@ def test_bit_depth_does_not_change_the_picture(task):
     (np.array([[0.0, 127.6, 255.0]] * 8), [0, 128, 255]),  # floats meant as 8-bit
     (np.array([[0, 128, 255]] * 8, np.int64), [0, 128, 255]),  # integers within 8 bits
     (np.array([[0, 32768, 65535]] * 8, np.int32), [0, 128, 255]),  # integers beyond 8 bits: 16-bit
-    (np.array([[3e20, 1e20, 0.0]] * 8), [255, 85, 0]),  # beyond every container: its own range
-])
+])  # beyond every container (32 bits): refused, test_array_values_beyond_float32_and_non_numbers
 def test_value_ranges_of_undeclared_data(array, expected):
     from medclassify.preprocessing import _to_uint8
 
@@ -1027,7 +1026,18 @@ def test_shrinking_keeps_palettes_hues_and_the_16_bit_rule_honest():
 def test_array_values_beyond_float32_and_non_numbers():
     from medclassify.preprocessing import _to_uint8
 
-    huge = gradient(40, 40, 1).astype(np.float64) * 1e37  # finite, beyond float32's range
-    assert _to_uint8(huge).max() == 255 and _to_uint8(huge).min() == 0
+    # Beyond 32 bits there is no convention: stretching to the image's own values once turned a
+    # P(malignant) of 0.93 into 0.35, with no warning.
+    for scale in (1e37, 1e30, 2.0 ** 33):  # finite; the first beyond float32's range
+        huge = gradient(40, 40, 1).astype(np.float64) / 255 * scale
+        with pytest.raises(ImageError, match="beyond any standard range") as info:
+            _to_uint8(huge)
+        assert_one_line(str(info.value))
+    tiff = io.BytesIO()
+    Image.fromarray((gradient(40, 40, 1) / 255 * 1e30).astype(np.float32)).save(tiff, format="TIFF")
+    with pytest.raises(ImageError, match="beyond any standard range"):
+        prepare(tiff.getvalue(), "breast")
+    within = gradient(40, 40, 1).astype(np.float64) / 255 * (2.0 ** 32 - 1)  # 32-bit data: read as 32 bits
+    np.testing.assert_array_equal(_to_uint8(within), gradient(40, 40, 1).astype(np.uint8))
     with pytest.raises(ImageError, match="are not numbers"):
         _to_uint8(np.full((30, 30), "grey", dtype=object))
