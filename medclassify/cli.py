@@ -263,6 +263,11 @@ def _train(args) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         save_trained(result, out, command=_command_line(args))
         fit_ood(args.task, out, args.data_dir)
+    chance = 1.0 / get_task(args.task).num_classes
+    if result.val_metrics["balanced_accuracy"] < chance + 0.05:  # the usual look of a --limit/--epochs smoke run
+        print(f"warning: validation balanced accuracy {result.val_metrics['balanced_accuracy']:.3f} is at chance "
+              f"level ({chance:.3f}): this model has not learned the task; train longer or on more images",
+              file=sys.stderr)
     summary = {k: result.val_metrics[k] for k in ("accuracy", "balanced_accuracy", "auc")}
     summary.update(n=result.val_metrics.get("n"), model=out, card=str(card_path(out)), ood=str(ood_path(out)),
                    best_epoch=result.best_epoch, temperature=round(result.temperature, 4),
@@ -273,8 +278,6 @@ def _train(args) -> int:
 
 def _unwritable_model_path(out: str, overwrite: bool = False) -> str:
     """Why ``out`` cannot take a saved model, or ''.  Creates nothing: a run that fails leaves no folder."""
-    from .registry import TASKS
-
     path = Path(out)
     if path.suffix not in (".h5", ".keras"):
         return "the model file must end in .h5 (or .keras)"

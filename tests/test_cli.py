@@ -663,6 +663,8 @@ def test_train_stdout_is_only_the_summary(capsys, tmp_path, monkeypatch):
     assert summary["card"] == str(out.with_suffix(".card.json")) and Path(summary["card"]).exists()
     assert summary["ood"] == str(out.with_suffix(".ood.npz")) and Path(summary["ood"]).exists()
     assert "epoch 1: val_auc=" in err and "Epoch 1/1" in err and "saved" in err  # the loss still shows
+    # balanced accuracy 0.5 on two classes: a smoke run's look, said on stderr so nobody takes it for a model
+    assert "warning: validation balanced accuracy 0.500 is at chance level (0.500)" in err
 
 
 def test_predict_text_keeps_one_line_per_file_whatever_the_name(capsys, tiny_models, fixture_images, tmp_path):
