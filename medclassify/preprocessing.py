@@ -418,7 +418,8 @@ def _dicom_display_values(dataset, pixels: np.ndarray) -> np.ndarray:
     intercept = float(dataset.RescaleIntercept) if rescaled else 0.0
     windowed = (photometric.startswith("MONOCHROME") and _dicom_has(dataset, "WindowCenter")
                 and _dicom_has(dataset, "WindowWidth") and not _dicom_has(dataset, "ModalityLUTSequence")
-                and slope > 0 and _first_number(dataset.WindowWidth) >= 1)  # a width under 1 is no window
+                and slope > 0 and _first_number(dataset.WindowWidth) >= 1  # a width under 1 is no window
+                and np.isfinite(_first_number(dataset.WindowCenter)))  # nor is a centre that is not a number
     voi_luts = dataset.get("VOILUTSequence") or [{}]
     if (photometric.startswith("MONOCHROME") and voi_luts[0].get("LUTDescriptor") is not None
             and voi_luts[0].get("LUTData") is not None):

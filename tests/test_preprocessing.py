@@ -791,6 +791,12 @@ def test_dicom_window_follows_pydicom_rescale_rules(tmp_path):
     # a window of width 0 (pydicom refuses it) is no window either; the stored range is shown
     zero = write_dicom(tmp_path / "zero.dcm", pixels, bits_stored=14, window=(4096, 0))
     np.testing.assert_array_equal(to_model_input(zero, "breast").astype(int), plain)
+    # nor is a centre that is not a number (it ended in "unsupported operand type(s) for -=: 'str' and 'float'")
+    path = write_dicom(tmp_path / "text.dcm", pixels, bits_stored=14, window=(4096, 8192))
+    data = path.read_bytes()
+    assert data.count(b"4096") == 1
+    path.write_bytes(data.replace(b"4096", b"abcd"))  # same length: the element stays well-formed
+    np.testing.assert_array_equal(to_model_input(path, "breast").astype(int), plain)
 
 
 def test_multi_frame_dicom_gives_its_first_frame(tmp_path):
