@@ -140,7 +140,7 @@ VARIANT_TEXT = {
 
         The project's own small residual CNN (stages of small convolutions with batch norm and a residual
         shortcut, then global average pooling), no augmentation and no label smoothing.  It shows what the
-        architecture alone reaches on thumbnails and how fast it overfits.
+        architecture alone reaches on thumbnails and how early its validation score stops improving.
     """,
     ("blood", "cnn_aug"): """
         ### `cnn_aug`: augmentation
@@ -172,7 +172,8 @@ VARIANT_TEXT = {
         arithmetic per image.  It measures what the shipped model's accuracy costs in speed: the
         benchmark issue asks for 5,000 images/s at batch 256 on two cores.  Served through an int8 copy,
         as the shipped model is, this CNN and the 32/64/128 `cnn` reach it and the shipped three-member
-        ensemble does not (`benchmarks/RESULTS.md`).
+        ensemble does not (`benchmarks/RESULTS.md`, the "int8 backbone + float head" row of the
+        serving-path table; without the int8 copy, the 32/64/128 `cnn` does not).
     """,
     ("blood", "vgg16"): """
         ### `vgg16`: ImageNet transfer
@@ -186,7 +187,8 @@ VARIANT_TEXT = {
         ### `cnn`: the baseline
 
         The project's own small residual CNN on grayscale thumbnails, no augmentation and no label
-        smoothing: what the architecture alone reaches, and how fast a few hundred images are memorised.
+        smoothing: what the architecture alone reaches, and how early its validation score stops improving
+        on a few hundred images.
     """,
     ("breast", "cnn_aug"): """
         ### `cnn_aug`: augmentation that respects ultrasound
@@ -247,8 +249,9 @@ VARIANT_TEXT = {
         each training image is blended with another one of its batch, and the one-hot labels with the same
         weight drawn from Beta(0.4, 0.4) (Zhang et al., *mixup: Beyond Empirical Risk Minimization*, 2018;
         Keras's `MixUp` layer, applied to each training batch in the `tf.data` pipeline). It is a
-        regulariser for a few hundred images that does not interpolate inside an image, and it tends to
-        make the model less overconfident.  Trained with seeds 0 to 4.
+        regulariser for a few hundred images, and it tends to make the model less overconfident.  Its
+        blends are no more real ultrasound images than SMOTE's, but unlike SMOTE it never passes one off
+        as a case of one class: the label says how much of each image went in.  Trained with seeds 0 to 4.
     """,
     ("breast", "cnn_mixup_ens5"): """
         ### `cnn_mixup_ens5`: the five seed runs of `cnn_mixup`, averaged
@@ -290,18 +293,29 @@ COMPARISON = """
 CURVES = """
     ### Training curves
 
-    Training loss and the validation score used to select the epoch, per variant, from the full cards in
-    `runs/` (written by the same `experiment` commands; `runs/` is not committed, so the curves appear only
-    where those runs exist).
+    Training loss and the validation score used to select the epoch, per variant.  The per-epoch history is
+    kept in the full cards in `runs/` (written by the same `experiment` commands, or by this notebook in its
+    retrain and smoke modes), and `runs/` is not committed.  Without it, the committed cards still record
+    the epoch each run kept out of the epochs it trained, shown instead: a best epoch well before the last
+    means validation stopped improving there.
 """
 
 SHIPPED_TEXT = """
     ## The shipped model
 
     `{{MODEL}}` is the model the app and the CLI use.  Here it is loaded as shipped and evaluated on the
-    official validation and test splits, the same way `python -m medclassify evaluate` does (its card's
-    threshold and temperature).  The live test metrics are then checked against the card: if they differ,
+    official validation and test splits, the same way `python -m medclassify evaluate` does (with its
+    card's {{CALIBRATION}}).  The live test metrics are then checked against the card: if they differ,
     the card and the model file are out of step and this cell fails.
+"""
+
+OPTIMISM = """
+    ### How optimistic is validation?
+
+    The same validation images chose the variant, each run's epoch and the temperature{{AND_THRESHOLD}}.
+    Scores measured on the images that made the choices flatter the model, the more so the fewer the
+    images.  The cell below sets the margin the choice of variant rested on beside the change from
+    validation to test.
 """
 
 CONFUSION = """
@@ -330,7 +344,9 @@ RELIABILITY = """
 
     How far the confidence of the top class is from its accuracy, before and after temperature scaling.
     The "before" probabilities are recovered from the shipped ones with the model's temperature
-    (`evaluation.uncalibrate`); the expected calibration error (ECE) of each is in the legend.
+    (`evaluation.uncalibrate`); the expected calibration error (ECE) of each is in the legend.  The number
+    beside each "after" point is how many test images fall in its bin: a point resting on a handful of
+    images says little.
 """
 
 THRESHOLD = """
@@ -340,7 +356,9 @@ THRESHOLD = """
     malignancy classifier a missed cancer costs more than a false alarm, so the model card carries its
     own threshold on P(malignant), chosen on the validation split only by the rule written in the card.
     The curves below are validation sensitivity and specificity as the threshold moves; the test split
-    plays no part.  The test operating point is reported once, after the choice.
+    plays no part.  The threshold was fixed in the card when the model was trained, before any test image
+    went through it; the test numbers in this notebook all come from the one evaluation of the finished
+    model, and the operating point below is read from it.
 """
 
 EXPORT = """
@@ -355,7 +373,8 @@ EXPORT = """
 COMMANDS = {
     "blood": """
     The shipped model is reproduced by the commands in the README (*Reproducing the shipped models*): three
-    seed runs of `cnn_flips_wide` (about an hour each on 2 CPU cores), the ensemble assembled from them, then
+    seed runs of `cnn_flips_wide` (the wall time of each is in its card, `training.wall_time_s`), the
+    ensemble assembled from them, then
     `ship` (copies it to the shipped file names and writes the int8 serving copy) and the OOD flag-rate check:
 
     ```bash
@@ -396,6 +415,7 @@ REFERENCES = """
 
 SETUP = '''
     import hashlib
+    import json
     import logging
     import os
     import sys
@@ -422,7 +442,7 @@ SETUP = '''
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     import numpy as np
-    from IPython.display import JSON, Markdown, display
+    from IPython.display import Markdown, display
     from sklearn.metrics import roc_auc_score, roc_curve
 
     from medclassify import cards, data, evaluation, experiments, models, training
@@ -633,8 +653,21 @@ CURVES_CODE = '''
 
     found = histories()
     if not found:
-        print(f"No training histories: they live in {rel(experiments.RUNS_DIR / TASK)}/<variant>.card.json, "
-              "written by the experiment commands (not committed).")
+        print(f"No per-epoch histories here ({rel(experiments.RUNS_DIR / TASK)}/ is not committed); the epochs "
+              "the cards record instead:")
+        rows = []
+        for variant, card in RESULTS.items():
+            training_ = (card or {}).get("training") or {}
+            config = training_.get("config") or {}
+            best = training_.get("best_epoch")
+            if best is None:
+                continue
+            trained = (config.get("epochs") or 0) + (config.get("finetune_epochs") or 0)
+            best = best if isinstance(best, list) else [best]
+            rows.append([variant, trained, ", ".join(map(str, best)),
+                         f"{100 * np.mean(best) / trained:.0f}%" if trained else "–"])
+        display(Markdown(md_table(["variant", "epochs trained (per member)", "epoch kept (per member)",
+                                   "kept epoch, mean share of the run"], rows)))
     else:
         cols = min(3, len(found))
         rows = int(np.ceil(len(found) / cols))
@@ -688,7 +721,22 @@ CHECK_CODE = '''
             same = all(abs(source_test.get(key, np.nan) - card_test[key]) <= 1e-6 for key in CHECK_KEYS)
             print(f"The shipped card's test metrics {'are' if same else 'are NOT'} those of {rel(source)} "
                   "(the comparison row of the shipped variant).")
-    display(JSON(record, root="shipped-model check"))
+    # One output, machine-readable (tests read its JSON) with a plain-text form for viewers without JSON.
+    display({"application/json": record, "text/plain": json.dumps(record, indent=1)}, raw=True,
+            metadata={"application/json": {"root": "shipped-model check"}})
+'''
+
+OPTIMISM_CODE = '''
+    SELECTED_ON = "auc" if spec.decision == "threshold" else "accuracy"  # the score variants are chosen by
+    ranked = sorted((((card or {}).get("validation") or {}).get(SELECTED_ON), name) for name, card in RESULTS.items()
+                    if ((card or {}).get("validation") or {}).get(SELECTED_ON) is not None)[::-1]
+    if len(ranked) >= 2:
+        (best, best_name), (second, second_name) = ranked[:2]
+        print(f"{len(ranked)} variants compared on {live['val']['n']} validation images by validation "
+              f"{SELECTED_ON}: {best_name} {best:.4f}, then {second_name} {second:.4f} (a margin of {best - second:.4f})")
+    display(Markdown(md_table(["shipped model", "validation", "test", "test − validation"],
+                              [[key, fmt(live["val"][key]), fmt(live["test"][key]),
+                                f"{live['test'][key] - live['val'][key]:+.4f}"] for key in KEYS])))
 '''
 
 CONFUSION_CODE = '''
@@ -753,18 +801,25 @@ RELIABILITY_CODE = '''
     before = evaluation.uncalibrate(probs["test"], temperature)
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    eces = {}
     for name, p, style in (("before (T = 1)", before, "s--"), (f"after (T = {temperature:.3f})", probs["test"], "o-")):
         curve = evaluation.reliability_curve(test_labels, p)
         keep = [i for i, n in enumerate(curve["count"]) if n]
-        ece = evaluation.expected_calibration_error(test_labels, p)
+        eces[name.split()[0]] = ece = evaluation.expected_calibration_error(test_labels, p)
         ax.plot([curve["confidence"][i] for i in keep], [curve["accuracy"][i] for i in keep], style,
                 label=f"{name}: ECE {ece:.4f}")
+        if name.startswith("after"):
+            for i in keep:
+                ax.annotate(str(curve["count"][i]), (curve["confidence"][i], curve["accuracy"][i]),
+                            textcoords="offset points", xytext=(5, -11), fontsize=7)
     ax.set_xlabel("mean confidence of the top class (bin)")
     ax.set_ylabel("accuracy in the bin")
     ax.set_xlim(0, 1), ax.set_ylim(0, 1)
     ax.set_title(f"test reliability diagram, n={len(test_labels)}")
     ax.legend(fontsize=8, loc="upper left")
     plt.show()
+    print(f"Temperature scaling took the test ECE from {eces['before']:.4f} to {eces['after']:.4f} "
+          f"({eces['after'] - eces['before']:+.4f}); the project's target is at most 0.03.")
 '''
 
 THRESHOLD_CODE = '''
@@ -856,7 +911,9 @@ REFERENCES_CODE = '''
 
 def build(task: str) -> nbformat.NotebookNode:
     spec = get_task(task)
-    values = {"TASK": task, "MODEL": spec.model_path.name, "CARD": spec.card_path.name,
+    values = {"TASK": task, "MODEL": spec.model_path.name,
+              "CALIBRATION": "threshold and temperature" if spec.decision == "threshold" else "temperature",
+              "AND_THRESHOLD": " and the threshold" if spec.decision == "threshold" else "", "CARD": spec.card_path.name,
               "OOD": spec.model_path.with_suffix(".ood.npz").name, "VARIANT": SHIPPED[task],
               "INT8": spec.model_path.with_suffix(".int8.tflite").name,
               "HEAD": spec.model_path.with_suffix(".head.tflite").name,
@@ -890,16 +947,18 @@ def build(task: str) -> nbformat.NotebookNode:
     md(SHIPPED_TEXT)
     code(SHIPPED_CODE)
     code(CHECK_CODE)
+    md(OPTIMISM)
+    code(OPTIMISM_CODE)
+    if spec.decision == "threshold":  # the choice, on validation, before the test pictures
+        md(THRESHOLD)
+        code(THRESHOLD_CODE)
+        code(OPERATING_POINT_CODE)
     md(CONFUSION)
     code(CONFUSION_CODE)
     md(ROC[task])
     code(ROC_CODE[task])
     md(RELIABILITY)
     code(RELIABILITY_CODE)
-    if spec.decision == "threshold":
-        md(THRESHOLD)
-        code(THRESHOLD_CODE)
-        code(OPERATING_POINT_CODE)
     md(EXPORT)
     code(EXPORT_CODE)
     md(COMMANDS[task])
