@@ -113,6 +113,7 @@ def sample_items(task: str) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
                         st.image(aps.upscale(_read_sample(str(sample.path)), 84), width=84,
                                  alt=aps.sample_alt(task))
                     except Exception:
+                        log.exception("sample image %s could not be shown", sample.name)
                         st.caption("(preview unavailable)")  # the button below still names the sample
                     # The button carries the true class, so each one has its own accessible name.
                     st.button(sample.caption, key=f"sample_{task}_{sample.path.stem}", on_click=_pick_sample,

@@ -378,7 +378,10 @@ def preview(data: bytes, max_side: int = 256, background: int = 255, min_side: i
         if factor > 1:
             image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
         return np.asarray(image)
-    except Exception:
+    except ImageError:  # the upload's own fault; its result says why
+        return None
+    except Exception:  # a decoder bug: no preview either, but on record
+        logging.getLogger(__name__).exception("preview failed")
         return None
 
 

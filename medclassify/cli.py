@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model file (default: the shipped model)")
     e.add_argument("--split", choices=("val", "test"), default="test", help="official split to evaluate on")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% CIs (e.g. 1000)")
+    e.add_argument("--bootstrap", type=_resamples, default=0, help="bootstrap resamples for 95%% CIs (e.g. 1000)")
     e.add_argument("--write-card", action="store_true", help="store the metrics in the model card")
 
     p = sub.add_parser("predict", help="classify image files, folders or globs")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--epochs", type=int, help="override the variant's epochs (a trial run: written under "
                                               "runs/trial/ and results/trial/, which `report` ignores)")
     v.add_argument("--limit", type=int, help="small subset (a trial run, as with --epochs)")
-    v.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    v.add_argument("--bootstrap", type=_resamples, default=1000, help="bootstrap resamples for the 95%% CIs")
 
     sub.add_parser("report", help="regenerate results/comparison.md and the README's Results section from the "
                                   "variant cards")
@@ -157,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--variant", help="default: the variant medclassify/experiments.py marks as shipped")
     s.add_argument("--seed", type=int, default=0, help="which seed run of the variant")
     return parser
+
+
+def _resamples(text: str) -> int:
+    """--bootstrap: 0 (no intervals) or more; argparse reports anything else as a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,6 +8,7 @@ is reported beside it as ``accuracy_at_0_5``.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -97,18 +98,22 @@ def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int =
     return rows
 
 
-def sensitivity_specificity(spec: TaskSpec, labels: np.ndarray, predictions: np.ndarray) -> tuple[float, float]:
-    """Recall of the positive class (malignant, for breast) and of the others; 0 for a class the labels lack.
+def sensitivity_specificity(spec: TaskSpec, labels: np.ndarray, predictions: np.ndarray,
+                            absent: float = 0.0) -> tuple[float, float]:
+    """Recall of the positive class (malignant, for breast) and of the others; ``absent`` for a class the
+    labels lack (0, as sklearn's ``zero_division=0``; the bootstrap passes NaN so such a resample is left out).
 
     Plain counts rather than sklearn's ``recall_score``: the bootstrap calls this a thousand times per split.
     """
     positive = np.asarray(labels) == spec.positive_class
     called = np.asarray(predictions) == spec.positive_class
-    return (float((called & positive).sum() / max(positive.sum(), 1)),
-            float((~called & ~positive).sum() / max((~positive).sum(), 1)))
+    n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+    return (float((called & positive).sum() / n_positive) if n_positive else absent,
+            float((~called & ~positive).sum() / n_negative) if n_negative else absent)
 
 
-def _scalars(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray) -> dict:
+def _scalars(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray,
+             absent: float = 0.0) -> dict:
     classes = np.arange(spec.num_classes)
     out = {
         "accuracy": float(accuracy_score(labels, predictions)),
@@ -122,7 +127,7 @@ def _scalars(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, pred
         out[f"recall_{average}"] = float(r)
         out[f"f1_{average}"] = float(f)
     if spec.decision == "threshold":
-        out["sensitivity"], out["specificity"] = sensitivity_specificity(spec, labels, predictions)
+        out["sensitivity"], out["specificity"] = sensitivity_specificity(spec, labels, predictions, absent)
         # MedMNIST's operating point: label 1 when its score exceeds 0.5
         out["accuracy_at_0_5"] = float(accuracy_score(labels, (probabilities[:, 1] > 0.5).astype(int)))
     return out
@@ -166,16 +171,22 @@ def uncalibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
 
 def bootstrap_ci(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, threshold: Optional[float],
                  resamples: int = 1000, seed: int = 0) -> dict:
-    """95% percentile bootstrap intervals of every scalar metric (resampling cases)."""
+    """95% percentile bootstrap intervals of every scalar metric (resampling cases).
+
+    A resample without a class has no recall for it: its sensitivity or specificity is left out (NaN), as its
+    AUC is, rather than counted as 0, which pulled small sets' intervals down to 0.
+    """
     rng = np.random.default_rng(seed)
     predictions = decide(spec, probabilities, threshold)
     n = len(labels)
     samples: dict[str, list] = {}
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        values = _scalars(spec, labels[idx], probabilities[idx], predictions[idx])
-        for key, value in values.items():
-            samples.setdefault(key, []).append(value)
+    with warnings.catch_warnings():  # a resample holding one class makes sklearn warn about each metric
+        warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")
+        for _ in range(resamples):
+            idx = rng.integers(0, n, n)
+            values = _scalars(spec, labels[idx], probabilities[idx], predictions[idx], absent=np.nan)
+            for key, value in values.items():
+                samples.setdefault(key, []).append(value)
     return {key: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for key, v in samples.items()}
 
 

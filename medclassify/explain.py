@@ -5,7 +5,8 @@ gradient of the class *logit* (not the softmax probability, which saturates)
 with respect to them.  The explained feature map is the one that feeds global
 average pooling (``pool``): in the residual CNN that is the rectified output
 of the last stage (main path plus shortcut), where ``models.last_conv_layer``
-would give only the 1x1 shortcut projection.  An ensemble (``m0_pool``,
+would give the main path's last convolution alone, before the shortcut is
+added.  An ensemble (``m0_pool``,
 ``m1_pool``...) gets the sum of its members' maps; ``last_conv_layer`` is the
 fallback for models whose pooled map is too small.
 

@@ -16,7 +16,9 @@ with a fixed input signature) that
 A model whose card lists an int8 serving copy (``quantization``: the shipped
 models) answers single images and batches through that copy on TensorFlow
 Lite.  Without one (``MEDCLASSIFY_SERVING_PRECISION=float``, trained models
-that were never quantised), single images go through TensorFlow Lite
+that were never quantised), a server's single images (``get_predictor``, or
+``single_image_runtime="tflite"``; a plain ``Predictor`` stays on TensorFlow,
+which batch tools prefer) go through TensorFlow Lite
 (``LiteSingleImage``): the same float graph converted in memory at load time
 and run by the XNNPACK CPU kernels, which have a fraction of TensorFlow's
 per-call overhead (measured in ``benchmarks/RESULTS.md``).  That conversion is
@@ -154,8 +156,8 @@ def serving_model(model, features: bool = True):
                 ends = [layer.output for layer in augment if id(layer.output) not in consumed]
                 serving = keras.Model(ends if len(ends) > 1 else ends[0], outputs, name=f"{model.name}_serving")
                 return serving, len(ends)
-        except Exception:  # an unexpected graph: fall back to the full model (still correct)
-            pass
+        except Exception:  # an unexpected graph: fall back to the full model (still correct, a little slower)
+            log.warning("serving graph of %s: augmentation layers not bypassed", model.name, exc_info=True)
     return keras.Model(model.inputs, outputs, name=f"{model.name}_serving"), 1
 
 
@@ -336,6 +338,12 @@ class Predictor:
             except Exception as exc:  # an op TFLite lacks, or outputs that disagree: TensorFlow is still correct
                 print(f"warning: single images use TensorFlow ({exc})", file=sys.stderr)
         self.ood = OODDetector.for_model(self.spec, self.model_path, self.card)
+        fitted_on = ((self.card or {}).get("ood") or {}).get("features")  # absent in cards before it was recorded
+        if fitted_on and fitted_on != self.precision:
+            print(f"warning: the OOD statistics of {self.model_path.name} were fitted on {fitted_on} features and "
+                  f"the {self.precision} model is serving: its flag rates are not the measured ones until "
+                  f"`python -m medclassify fit-ood --task {self.spec.name}` is run with the same precision",
+                  file=sys.stderr)
         if warm:
             self.warm_up()
 

@@ -319,7 +319,8 @@ def build_ensemble(members: list, name: Optional[str] = None):
     inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
     clones = [_clone_inline(member, inputs, prefix=f"m{i}_") for i, member in enumerate(members)]
     logits = [clone.get_layer(f"m{i}_logits").output for i, clone in enumerate(clones)]
-    mean_logits = layers.Average(name="logits")(logits) if len(logits) > 1 else logits[0]
+    # one member still gets a layer named "logits": temperature fitting and Grad-CAM look it up by name
+    mean_logits = layers.Average(name="logits")(logits) if len(logits) > 1 else layers.Identity(name="logits")(logits[0])
     scaled = layers.Rescaling(1.0, name="temperature")(mean_logits)
     probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(scaled)
     return keras.Model(inputs, probabilities, name=name or "ensemble")

@@ -139,6 +139,7 @@ def fit_ood(task: str, model_path=None, data_dir=None, quantile: float = VALIDAT
         "distance_threshold": threshold,
         "threshold_rule": f"{quantile:.0%} quantile of validation distances",
         "statistics_file": ood_path(model_path).name,
+        "features": predictor.precision,  # the statistics fit only the features they were measured on
         "grayscale_max_colourfulness": GRAYSCALE_MAX_COLOURFULNESS,
         "blank_max_std": BLANK_MAX_STD,
     }

@@ -718,3 +718,14 @@ def test_report_says_when_it_rewrote_the_readme(capsys, tmp_path, monkeypatch, m
     lines = stdout.splitlines()
     assert lines[0] == str(tmp_path / "results" / "comparison.md")
     assert lines[1:] == ([f"{readme}: Results section rewritten"] if markers else [])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "experiment"])
+@pytest.mark.parametrize("value, problem", [("-5", "must be 0 or more, got -5"), ("ten", "must be a whole number")])
+def test_bootstrap_must_be_a_count(capsys, command, value, problem):
+    """-5 used to run, and `--write-card` stored 'bootstrap_resamples: -5' with no intervals."""
+    extra = ["--variant", "cnn"] if command == "experiment" else []
+    with pytest.raises(SystemExit) as info:
+        main([command, "--task", "breast", *extra, "--bootstrap", value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument --bootstrap: {problem}" in err

@@ -210,6 +210,19 @@ def test_bootstrap_ci_contains_the_point_estimate(task):
     assert small[0] == small[1]  # seeded
 
 
+def test_bootstrap_leaves_out_resamples_without_a_class():
+    """A perfect classifier with one malignant case in ten: every resample that holds it catches it. The ones
+    without it have no sensitivity (as they have no AUC); counted as 0, they gave the interval [0, 1]."""
+    spec = get_task("breast")
+    labels = np.array([0] + [1] * 9)  # label 0 = malignant
+    probs = np.column_stack([1.0 - labels, labels]).astype(float)  # P(malignant) 1 for it, 0 for the rest
+    m = compute_metrics(spec, labels, probs, threshold=0.5, bootstrap=200, seed=1)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == 1.0
+    assert m["ci95"]["sensitivity"] == [1.0, 1.0] and m["ci95"]["auc"] == [1.0, 1.0]
+    # the point estimate of a split without a class stays 0, as sklearn's recall with zero_division=0
+    assert sensitivity_specificity(spec, labels[1:], labels[1:]) == (0.0, 1.0)
+
+
 def test_no_bootstrap_by_default():
     labels, probs = random_case(8, n=40)
     assert "ci95" not in compute_metrics("blood", labels, probs)

@@ -319,6 +319,19 @@ def test_ensemble_averages_member_logits(tmp_path):
     assert model_temperature(loaded) == pytest.approx(2.0)
 
 
+def test_a_one_member_ensemble_is_its_member(tmp_path):
+    """It had no layer named 'logits', so temperature fitting and Grad-CAM failed on it."""
+    from medclassify.models import build_ensemble, inference_model
+
+    member = inference_model(build_cnn("breast", widths=(4, 8), name="only"))
+    single = with_temperature(build_ensemble([member]), 1.5)
+    x = batch("breast", seed=3)
+    np.testing.assert_allclose(_logits(single, x), _logits(member, x), rtol=1e-5, atol=1e-6)
+    path = tmp_path / "single.h5"
+    single.save(str(path))
+    assert model_temperature(load_model(path)) == pytest.approx(1.5)
+
+
 def test_vgg16_weights_that_cannot_be_had_are_one_line(tmp_path, monkeypatch):
     """A missing file, a damaged one, or no network for the ImageNet download: DataError, which the CLI
     prints as one line (Keras says 'weights argument should be...' or raises a bare Exception)."""

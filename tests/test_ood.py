@@ -102,6 +102,27 @@ def test_feature_distance_rule():
     assert "distance score 9, over the model's limit of 4" in far.reasons[0]
 
 
+def test_statistics_fitted_on_other_features_are_reported(tiny_models, tmp_path, capsys):
+    """fit-ood under MEDCLASSIFY_SERVING_PRECISION=float, then served by the int8 copy: the flag rates the
+    card reports no longer hold, and the operator is told so."""
+    import json
+    import shutil
+
+    from medclassify.inference import Predictor
+
+    model = tmp_path / "m.h5"
+    for suffix in (".h5", ".card.json", ".ood.npz"):
+        shutil.copyfile(tiny_models["breast"].path.with_suffix(suffix), model.with_suffix(suffix))
+    Predictor("breast", model, warm=False)
+    assert "fitted on" not in capsys.readouterr().err  # float features, float model
+    card = json.loads(model.with_suffix(".card.json").read_text())
+    card["ood"]["features"] = "int8"
+    model.with_suffix(".card.json").write_text(json.dumps(card))
+    Predictor("breast", model, warm=False)
+    err = capsys.readouterr().err
+    assert "fitted on int8 features and the float model is serving" in err and "fit-ood --task breast" in err
+
+
 @pytest.mark.parametrize("task", ["blood", "breast"])
 def test_fit_ood_on_a_tiny_model(tiny_models, fixture_data_dir, task):
     from medclassify.cards import read_card
@@ -113,6 +134,7 @@ def test_fit_ood_on_a_tiny_model(tiny_models, fixture_data_dir, task):
     settings = tiny.ood
     assert settings["distance_threshold"] > 0
     assert settings["statistics_file"] == tiny.path.with_suffix(".ood.npz").name
+    assert settings["features"] == "float"  # a tiny model has no int8 copy
     assert ("min_colourfulness" in settings) == (spec.channels == 3)
     if spec.channels == 3:
         assert settings["min_colourfulness"] >= GRAYSCALE_MAX_COLOURFULNESS
