@@ -492,7 +492,8 @@ class Predictor:
 
 
 _PREDICTORS: dict[tuple[str, str], Predictor] = {}
-_PREDICTORS_LOCK = threading.Lock()
+_PREDICTORS_LOCK = threading.Lock()  # one for every model: Keras loads are not known to be thread-safe, and
+# each model loads once per process, so a second task waiting for the first costs a few seconds once
 
 
 def get_predictor(task: str, model_path: Optional[str] = None) -> Predictor:

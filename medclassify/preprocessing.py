@@ -83,6 +83,8 @@ def decode_image(source: ImageLike) -> Image.Image:
         if data[:2] == b"\x08\x00" and _is_bare_dicom(data):
             return _dicom_to_image(data, bare=True)
         try:
+            # catch_warnings is process-wide: should two uploads interleave, the worst case is a printed warning
+            # for an image that _check_dimensions refuses anyway (MAX_PIXELS is under Pillow's warning limit).
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)

@@ -1047,3 +1047,11 @@ def test_array_values_beyond_float32_and_non_numbers():
     np.testing.assert_array_equal(_to_uint8(within), gradient(40, 40, 1).astype(np.uint8))
     with pytest.raises(ImageError, match="are not numbers"):
         _to_uint8(np.full((30, 30), "grey", dtype=object))
+
+
+def test_our_pixel_limit_is_under_pillows_warning_limit():
+    """decode_image relies on it: a bomb warning lost to two interleaved uploads is harmless only because our
+    own size check refuses every image Pillow would warn about."""
+    from medclassify.preprocessing import MAX_PIXELS
+
+    assert MAX_PIXELS < Image.MAX_IMAGE_PIXELS
