@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 from .experiments import VARIANTS
+from .inference import DEFAULT_BATCH_SIZE
 from .models import AUGMENTATION_POLICIES, MODEL_KINDS
 from .preprocessing import IMAGE_ENDINGS
 from .registry import TASKS, get_task
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     task_arg(p)
     p.add_argument("--model", help="model file (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--batch-size", type=int, default=256, help="images per model call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per model call (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
 
@@ -439,7 +441,7 @@ def _predict(args) -> int:
     "error"}``.  A progress bar goes to stderr.  Returns 0 when every file was
     classified, 1 when any failed (or none was found), 2 on usage errors.
     """
-    from .inference import DEFAULT_BATCH_SIZE, NO_ANSWER, Predictor
+    from .inference import NO_ANSWER, Predictor
 
     spec = get_task(args.task)
     batch_size = getattr(args, "batch_size", None)

@@ -69,20 +69,19 @@ def auc(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
-    """ECE of the top-class confidence with equal-width bins."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    """ECE of the top-class confidence with equal-width bins: the bins of ``reliability_curve``, weighted by
+    their share of the images."""
+    curve = reliability_curve(labels, probabilities, bins)
+    n = len(probabilities)
     ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    for count, accuracy, confidence in zip(curve["count"], curve["accuracy"], curve["confidence"]):
+        if count:
+            ece += count / n * abs(accuracy - confidence)
     return float(ece)
 
 
 def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:
+    """Per equal-width bin of top-class confidence: its edges, image count, mean confidence and accuracy."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
