@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     task_arg(e)
     data_arg(e)
     e.add_argument("--model", help="model file (default: the shipped model)")
-    e.add_argument("--split", choices=("val", "test"), default="test", help="official split to evaluate on")
+    e.add_argument("--split", choices=("val", "test"), default="test",
+                   help="official split to evaluate on: compare candidate models on val; test reports a final "
+                        "model, once")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--bootstrap", type=_resamples, default=0, help="bootstrap resamples for 95%% CIs (e.g. 1000)")
     e.add_argument("--write-card", action="store_true", help="store the metrics in the model card")
