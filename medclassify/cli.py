@@ -293,13 +293,21 @@ def _train(args) -> int:
 
 def _unwritable_model_path(out: str, overwrite: bool = False) -> str:
     """Why ``out`` cannot take a saved model, or ''.  Creates nothing: a run that fails leaves no folder."""
+    from .training import model_files
+
     path = Path(out)
     if path.suffix not in (".h5", ".keras"):
         return "the model file must end in .h5 (or .keras)"
-    for spec in TASKS.values():  # the app and the CLI's defaults serve these; `ship` checks what replaces them
-        if path.resolve() == spec.model_path.resolve():
-            return (f"{spec.model_path.name} is the shipped {spec.name} model; train to another file (the app "
-                    f"serves it with MEDCLASSIFY_{spec.name.upper()}_MODEL=<file>)")
+    try:
+        # The card, OOD statistics and int8 copy are named after the model without its ending, so
+        # model_blood.keras would replace the shipped model's; `ship` checks what replaces them.
+        stem = path.resolve().with_suffix("")
+        shipped = next((spec for spec in TASKS.values() if spec.model_path.resolve().with_suffix("") == stem), None)
+    except (OSError, RuntimeError) as exc:  # a symbolic-link loop (RuntimeError before Python 3.13)
+        return f"cannot be resolved ({exc})"
+    if shipped is not None:
+        return (f"{path.name} would replace the shipped {shipped.name} model's files; train to another file (the "
+                f"app serves it with MEDCLASSIFY_{shipped.name.upper()}_MODEL=<file>)")
     folder = path.parent if str(path.parent) else Path(".")
     # `--out runs/x.h5` on a fresh clone: runs/ is ignored by git and absent. The save makes it, so only the
     # nearest folder that exists has to be one, and writable.
@@ -309,8 +317,9 @@ def _unwritable_model_path(out: str, overwrite: bool = False) -> str:
             existing = existing.parent
         if not existing.is_dir():
             return f"folder {folder} cannot be created: {existing} is a file"
-        if path.exists() and not overwrite:
-            return "the file exists; add --overwrite to replace it"
+        taken = [file for file in model_files(path) if file.exists()]
+        if taken and not overwrite:  # the card of results/<task>/<variant> counts: it is a committed result
+            return f"{taken[0]} exists; add --overwrite to replace it and the files named after it"
     except OSError as exc:  # a folder on the way that cannot be looked into (permissions)
         return f"folder {folder} cannot be created ({exc.strerror or exc})"
     if not os.access(existing, os.W_OK):

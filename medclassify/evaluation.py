@@ -186,7 +186,10 @@ def bootstrap_ci(spec: TaskSpec, labels: np.ndarray, probabilities: np.ndarray, 
             values = _scalars(spec, labels[idx], probabilities[idx], predictions[idx], absent=np.nan)
             for key, value in values.items():
                 samples.setdefault(key, []).append(value)
-    return {key: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for key, v in samples.items()}
+    # A metric no resample defines (sensitivity of a split without malignant cases) has no interval: NaN
+    # would be written to the card as invalid JSON.
+    return {key: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for key, v in samples.items()
+            if not np.isnan(v).all()}
 
 
 def predict_split(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

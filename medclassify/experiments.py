@@ -432,7 +432,7 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None)
 
     from .cards import card_path, read_card, write_card
     from .ood import ood_path
-    from .quantization import head_path, quantized_path
+    from .quantization import remove_serving_copy
 
     spec = get_task(task)
     variant = variant or SHIPPED[task]
@@ -455,8 +455,7 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None)
     card.pop("serving", None)
     # The previous model's int8 copy goes first: should anything below fail, no copy answers for a model
     # it was not made from.  Each file is written beside its target and then renamed over it.
-    for stale in (quantized_path(target), head_path(target)):
-        stale.unlink(missing_ok=True)
+    remove_serving_copy(target)
     staged = {target: target.with_name(f".{target.name}.shipping.h5"),
               ood_path(target): ood_path(target).with_name(f".{ood_path(target).name}.shipping")}
     try:

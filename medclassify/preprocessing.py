@@ -364,8 +364,12 @@ def _jp2_header_never_ends(dataset) -> bool:
 
         if not dataset.file_meta.TransferSyntaxUID.is_compressed:
             return False
-        frame = get_frame(dataset.PixelData, 0, number_of_frames=int(dataset.get("NumberOfFrames") or 1))
-    except Exception:  # not encapsulated, or no frame to find: the decoder gives its own reason
+        extended = None  # where the frames start, when the file says so: pydicom's decoder reads it too
+        if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+            extended = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
+        frame = get_frame(dataset.PixelData, 0, extended_offsets=extended,
+                          number_of_frames=int(dataset.get("NumberOfFrames") or 1))
+    except Exception:  # no first frame to find: nor does the decoder find one, and it says why
         return False
     if not frame.startswith(_JP2_SIGNATURE):
         return False

@@ -54,6 +54,13 @@ RUNTIME_NAME = ("TensorFlow Lite (XNNPACK): convolutional backbone in int8 (weig
                 "head (logits, temperature, softmax) in float")
 
 
+def remove_serving_copy(model_path) -> None:
+    """Delete the int8 copy (backbone and head) made from whatever model was at ``model_path``: the app and
+    the CLI prefer it, so a new model saved there must not be answered for by the old one's copy."""
+    for stale in (quantized_path(model_path), head_path(model_path)):
+        stale.unlink(missing_ok=True)
+
+
 def quantized_path(model_path) -> Path:
     """The int8 backbone file; the float head is ``head_path``."""
     return Path(model_path).with_suffix(".int8.tflite")

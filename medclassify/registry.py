@@ -54,6 +54,12 @@ class TaskSpec:
         return len(self.class_names)
 
     @property
+    def selection_metric(self) -> str:
+        """The validation score that picks each run's epoch and the shipped variant: AUC where a threshold
+        decides (what the threshold relies on), accuracy where the top class does."""
+        return "auc" if self.decision == "threshold" else "accuracy"
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, self.channels)
 

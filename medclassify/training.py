@@ -413,14 +413,14 @@ def save_trained(result: TrainResult, out: str | os.PathLike, command: Optional[
         return "considered legacy" not in record.getMessage()
 
     from .ood import ood_path
-    from .quantization import head_path, quantized_path
+    from .quantization import remove_serving_copy
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Files derived from a model saved here before would answer for this one (the app and CLI prefer the int8
     # copy), so they go first; the caller fits new OOD statistics, `quantize` makes a new int8 copy.
-    for stale in (quantized_path(out), head_path(out), ood_path(out)):
-        stale.unlink(missing_ok=True)
+    remove_serving_copy(out)
+    ood_path(out).unlink(missing_ok=True)
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(not_the_legacy_notice)
     try:
@@ -429,6 +429,17 @@ def save_trained(result: TrainResult, out: str | os.PathLike, command: Optional[
         absl_logger.removeFilter(not_the_legacy_notice)
     write_training_card(out, result, command=command or " ".join(sys.argv))
     return out
+
+
+def model_files(out: str | os.PathLike) -> tuple[Path, ...]:
+    """The model file and every file named after it (card, OOD statistics, int8 copy): what saving a model
+    at ``out`` writes or replaces."""
+    from .cards import card_path
+    from .ood import ood_path
+    from .quantization import head_path, quantized_path
+
+    out = Path(out)
+    return out, card_path(out), ood_path(out), quantized_path(out), head_path(out)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

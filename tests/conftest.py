@@ -205,6 +205,16 @@ TINY_WIDTHS = (8, 16)  # two stages: tracing the train step dominates the cost
 TINY_LIMITS = {"blood": 96, "breast": 30}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _served_models_are_the_shipped_ones():
+    """$MEDCLASSIFY_BLOOD_MODEL / $MEDCLASSIFY_BREAST_MODEL in a developer's shell would make the app and
+    get_predictor serve another model than the shipped one the tests check."""
+    saved = {name: os.environ.pop(name) for name in ("MEDCLASSIFY_BLOOD_MODEL", "MEDCLASSIFY_BREAST_MODEL")
+             if name in os.environ}
+    yield
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(fixture_npz_dir, tmp_path_factory) -> dict[str, SimpleNamespace]:
     """Tiny blood and breast models trained once per session on the fixture data.

@@ -180,16 +180,31 @@ def test_train_checks_out_before_training(capsys, tmp_path, monkeypatch, out, pr
 
 @pytest.mark.parametrize("task", ["blood", "breast"])
 def test_train_never_writes_over_a_shipped_model(capsys, monkeypatch, task):
-    """Not even the other task's: a breast model saved as model_blood.h5 broke every blood prediction."""
+    """Not even the other task's: a breast model saved as model_blood.h5 broke every blood prediction. Nor
+    model_blood.keras, whose card, OOD statistics and int8 copy are the shipped model's files."""
     from medclassify import training
 
     monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("trained before checking --out"))
     for shipped in ("blood", "breast"):
         path = get_task(shipped).model_path
-        for out in (path, Path(os.path.relpath(path)), path.parent / "." / path.name):
+        for out in (path, Path(os.path.relpath(path)), path.parent / "." / path.name, path.with_suffix(".keras")):
             code, _, err = run_main(capsys, "train", "--task", task, "--out", out, "--overwrite")
-            assert code == 2 and f"is the shipped {shipped} model" in err, (out, err)
+            assert code == 2 and f"would replace the shipped {shipped} model's files" in err, (out, err)
             assert f"MEDCLASSIFY_{shipped.upper()}_MODEL" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_out_counts_the_files_named_after_the_model(capsys, tmp_path, monkeypatch):
+    """x.keras beside x.h5 shares its card and OOD statistics; a committed variant card is a result too."""
+    from medclassify import training
+
+    monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("trained before checking --out"))
+    (tmp_path / "x.card.json").write_text("{}")
+    code, _, err = run_main(capsys, "train", "--task", "breast", "--out", tmp_path / "x.keras")
+    assert code == 2 and "x.card.json exists; add --overwrite" in err and len(err.strip().splitlines()) == 1
+    loop = tmp_path / "loop.h5"
+    loop.symlink_to(loop)
+    code, _, err = run_main(capsys, "train", "--task", "breast", "--out", loop)
+    assert code == 2 and err.startswith("error: --out") and len(err.strip().splitlines()) == 1
 
 
 def test_train_replaces_an_existing_file_only_with_overwrite(capsys, tmp_path, monkeypatch, tiny_models):
@@ -624,7 +639,8 @@ def test_train_limit_help_says_that_validation_is_subsampled_too():
     assert "validation" in limit and "N/4" in limit and "not comparable" in limit
 
 
-def test_train_stdout_is_only_the_summary(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("balanced_accuracy", [0.5, 0.9])
+def test_train_stdout_is_only_the_summary(capsys, tmp_path, monkeypatch, balanced_accuracy):
     """Keras writes its per-epoch lines to stdout: they go to stderr, beside the run's own per-epoch line, and
     stdout is only the JSON summary."""
     from types import SimpleNamespace
@@ -638,7 +654,8 @@ def test_train_stdout_is_only_the_summary(capsys, tmp_path, monkeypatch):
         print("Epoch 1/1")  # as Keras's fit(verbose=2) does
         print("1/1 - 13s - 13s/step - accuracy: 0.5000 - loss: 0.6931")
         print("  epoch 1: val_auc=0.5000 (best 0.5000 at 1)", file=sys.stderr)  # as the selector does
-        return SimpleNamespace(val_metrics={"accuracy": 0.5, "balanced_accuracy": 0.5, "auc": 0.5, "n": 8},
+        return SimpleNamespace(val_metrics={"accuracy": 0.5, "balanced_accuracy": balanced_accuracy, "auc": 0.5,
+                                            "n": 8},
                                best_epoch=1, temperature=1.0, threshold=0.4, wall_time_s=13.0)
 
     def fake_save(result, out, command=None):
@@ -664,7 +681,8 @@ def test_train_stdout_is_only_the_summary(capsys, tmp_path, monkeypatch):
     assert summary["ood"] == str(out.with_suffix(".ood.npz")) and Path(summary["ood"]).exists()
     assert "epoch 1: val_auc=" in err and "Epoch 1/1" in err and "saved" in err  # the loss still shows
     # balanced accuracy 0.5 on two classes: a smoke run's look, said on stderr so nobody takes it for a model
-    assert "warning: validation balanced accuracy 0.500 is at chance level (0.500)" in err
+    warned = "warning: validation balanced accuracy 0.500 is at chance level (0.500)" in err
+    assert warned == (balanced_accuracy == 0.5) and ("chance" in err) == warned
 
 
 def test_predict_text_keeps_one_line_per_file_whatever_the_name(capsys, tiny_models, fixture_images, tmp_path):

@@ -221,6 +221,14 @@ def test_bootstrap_leaves_out_resamples_without_a_class():
     assert m["ci95"]["sensitivity"] == [1.0, 1.0] and m["ci95"]["auc"] == [1.0, 1.0]
     # the point estimate of a split without a class stays 0, as sklearn's recall with zero_division=0
     assert sensitivity_specificity(spec, labels[1:], labels[1:]) == (0.0, 1.0)
+    # a split with no malignant case at all: no interval for sensitivity (NaN would be invalid JSON in a card)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "All-NaN slice" must not arise either
+        warnings.filterwarnings("ignore", category=UserWarning)  # sklearn: one class in the split
+        benign = compute_metrics(spec, labels[1:], probs[1:], threshold=0.5, bootstrap=20)
+    assert "sensitivity" not in benign["ci95"] and benign["ci95"]["specificity"] == [1.0, 1.0]
 
 
 def test_no_bootstrap_by_default():

@@ -322,7 +322,7 @@ def test_ensemble_variant_reuses_the_seed_runs(results_dir, fixture_data_dir, tm
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_shipped_variant_is_the_validation_choice(task):
     """Selection uses validation only: the shipped variant has the best validation score of its task."""
-    key = "auc" if get_task(task).decision == "threshold" else "accuracy"
+    key = get_task(task).selection_metric
     scores = {}
     for path in sorted((experiments.RESULTS_DIR / task).glob("*.card.json")):
         if "_seed" not in path.name:

@@ -872,18 +872,35 @@ def test_jpeg2000_dicom_with_a_zero_length_header_box_is_refused_not_looped_on()
     malformed = jpeg2000_dicom(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 100, pixels.shape)
     outcome = []
 
-    def attempt():
+    def attempt(data):
         try:
-            prepare(malformed, "breast")
+            prepare(data, "breast")
         except ImageError as exc:
             outcome.append(str(exc))
 
-    worker = threading.Thread(target=attempt, daemon=True)  # a daemon: a regression must not hang the run
-    worker.start()
-    worker.join(timeout=20)
-    assert not worker.is_alive(), "still decoding after 20 s"
-    assert outcome and "JPEG 2000" in outcome[0]
-    assert_one_line(outcome[0])
+    # A stray fragment first, and an Extended Offset Table (which pydicom's decoder reads) saying that the one
+    # frame starts after it: read without the table, the frame would seem to start with the stray bytes.
+    import struct
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    bad = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 100
+    dataset = pydicom.dcmread(io.BytesIO(malformed))
+    dataset.PixelData = encapsulate([b"stray bytes here", bad], has_bot=False)
+    dataset["PixelData"].VR = "OB"
+    dataset.ExtendedOffsetTable = struct.pack("<Q", 8 + 16)  # past the stray fragment's item (8 + 16 bytes)
+    dataset.ExtendedOffsetTableLengths = struct.pack("<Q", len(bad))
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    for data in (malformed, buffer.getvalue()):
+        outcome.clear()
+        worker = threading.Thread(target=attempt, args=(data,), daemon=True)  # a regression must not hang the run
+        worker.start()
+        worker.join(timeout=20)
+        assert not worker.is_alive(), "still decoding after 20 s"
+        assert outcome and "JPEG 2000" in outcome[0]
+        assert_one_line(outcome[0])
 
 
 def test_dicom_without_preamble_and_broken_dicom(tmp_path):
