@@ -178,7 +178,7 @@ class _ValidationSelector:
 
             def on_epoch_end(self, epoch, logs=None):
                 probs = predict_probabilities(self.model, val.images)
-                if spec.decision == "threshold":
+                if spec.selection_metric == "auc":
                     # breast: rank quality of P(malignant) is what the threshold relies on
                     score = roc_auc_score(val.labels == spec.positive_class, probs[:, spec.positive_class]) \
                         if len(np.unique(val.labels)) > 1 else 0.0
