@@ -73,9 +73,9 @@ def upload_items(task: str) -> list[tuple[str, bytes]]:
     return [(f.name, f.getvalue()) for f in files or []]
 
 
-def camera_items() -> list[tuple[str, bytes]]:
+def camera_items(task: str) -> list[tuple[str, bytes]]:
     photo = st.camera_input(
-        "Take a photo of the image", key="camera",
+        "Take a photo of the image", key=f"camera_{task}",  # one per classifier, like the uploader
         help="The photo is processed in memory only and never stored. A photo of a screen or a print is "
              "rarely like the training images (glare, colour cast, moiré), so expect the 'unlike the training "
              "data' warning; uploading the image file itself works better.")
@@ -171,7 +171,7 @@ def threshold_chart(prediction, spec):
                                     else "#4c78a8", size=22).encode(x=x, y=alt.Y("what:N", title=None))
     rule = alt.Chart(frame).mark_tick(color="black", thickness=3, size=34).encode(
         x="threshold:Q", y=alt.Y("what:N", title=None), tooltip=[alt.Tooltip("threshold:Q", format=".3f")])
-    label = alt.Chart(frame).mark_text(align="left", dx=5, dy=-13, fontSize=11).encode(
+    label = alt.Chart(frame).mark_text(align="left", dx=5, dy=-20, fontSize=11).encode(  # above the bar, not on it
         x="threshold:Q", y=alt.Y("what:N", title=None),
         text=alt.value(f"threshold {aps.percent(float(prediction.threshold))}"))
     return (bar + rule + label).properties(height=60, padding={"top": 16, "left": 5, "right": 5, "bottom": 5})
@@ -195,12 +195,15 @@ def show_gradcam(prediction, task: str, key: str) -> None:
     try:
         from medclassify.explain import overlay, with_colour_key
 
-        heatmap = load_explainer(task)(prediction.model_input, prediction.class_index)
+        index, name = aps.explained_class(prediction)
+        heatmap = load_explainer(task)(prediction.model_input, index)
+        why = "" if name == prediction.label else " (the class the threshold looks for, whatever the answer)"
         st.image(with_colour_key(overlay(prediction.model_input, heatmap, opacity, size=196)), width=196,
                  alt=aps.gradcam_alt(prediction),
-                 caption=f"Grad-CAM for '{prediction.label}'. The strip underneath is the colour scale: blue "
-                         "influenced the model least, red most. A coarse map of where its evidence lay, not an "
-                         "outline of a cell or lesion.")
+                 caption=f"Grad-CAM for '{name}'{why}. The strip underneath is the colour scale: blue influenced "
+                         "the model least, red most, relative to this image's strongest evidence (so there is "
+                         "always a red spot). A coarse map of where its evidence lay, not an outline of a cell or "
+                         "lesion.")
     except Exception:
         log.exception("Grad-CAM failed")
         st.caption("The Grad-CAM explanation is not available for this image.")
@@ -214,7 +217,7 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
     prediction = result.prediction
     if prediction.ood:
         reasons = "\n".join(f"- {reason}" for reason in prediction.warnings)
-        hint = f"\n\n{aps.CROP_HINT}" if aps.was_centre_cropped(prediction) else ""
+        hint = "".join(f"\n\n{line}" for line in aps.ood_hints(prediction))
         st.warning(f"**Unlike the training data — no reliable answer** ({result.name})\n\n{aps.UNRELIABLE}\n\n"
                    f"{reasons}\n\nThe {spec.title.lower()} classifier expects: {spec.expected_input}{hint}",
                    icon=":material/warning:")
@@ -241,16 +244,24 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
             st.warning(sentence, icon=":material/clinical_notes:")
         else:
             st.info(sentence, icon=":material/info:")
+    squashed = aps.squash_note(prediction)
+    if squashed:
+        st.warning(squashed, icon=":material/aspect_ratio:")
+    close = aps.close_call(prediction)
+    if close:
+        also = (" The same picture at another size or compression can fall on the other side."
+                if spec.decision == "threshold" else "")
+        st.warning(f"{close}{also} Treat this answer as uncertain.", icon=":material/balance:")
+    predictor = load_predictor(task)
+    mix = aps.calibration_mix_note(predictor.card, prediction)
+    if spec.decision == "threshold":
         st.altair_chart(threshold_chart(prediction, spec), width="stretch")
-        predictor = load_predictor(task)
         record = aps.breast_test_record(predictor.card, predictor.precision)
-        st.caption(aps.BREAST_NOTE + (f" {record}" if record else ""))
+        st.caption(" ".join(part for part in (aps.BREAST_NOTE, record, mix) if part))
     else:
-        close = aps.close_call(prediction)
-        if close:
-            st.warning(close + " Treat this answer as uncertain.", icon=":material/balance:")
         st.caption(f"Calibrated probability of '{prediction.label}': {aps.percent(aps.confidence(prediction))}. "
-                   f"A model's suggestion for research and education, not a diagnosis. {aps.BLOOD_SCOPE_NOTE}")
+                   f"A model's suggestion for research and education, not a diagnosis. {aps.BLOOD_SCOPE_NOTE}"
+                   + (f" {mix}" if mix else ""))
     col_input, col_cam, col_probs = st.columns([1, 1, 1.4])
     with col_input:
         show_model_view(prediction, data)
@@ -302,6 +313,10 @@ def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = N
         "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),
         "p_malignant": st.column_config.NumberColumn("P(malignant)", format="%.3f"),
         "threshold": st.column_config.NumberColumn("threshold", format="%.3f"),
+        "close_call": st.column_config.CheckboxColumn(
+            "close call", help="Not a firm answer: inspect the image (blood: two classes within "
+                               f"{aps.CLOSE_CALL:.0%}; breast: P(malignant) within "
+                               f"{aps.BORDERLINE * 100:.0f} points of the threshold)"),
         "ood": st.column_config.CheckboxColumn("unlike training data"),
         "warnings": st.column_config.TextColumn("warnings", width="large"),
         "error": st.column_config.TextColumn("error", width="large"),
@@ -327,7 +342,7 @@ def classify_tab(task: str, predictor) -> None:
     if source == SOURCES[0]:
         items = upload_items(task)
     elif source == SOURCES[1]:
-        items = camera_items()
+        items = camera_items(task)
     else:
         items, truth = sample_items(task)
     if not items:

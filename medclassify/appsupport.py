@@ -18,7 +18,7 @@ import numpy as np
 
 from .inference import NO_ANSWER
 from .preprocessing import FORMATS_TEXT, IMAGE_ENDINGS, ImageError
-from .registry import REPO_ROOT, TaskSpec, get_task
+from .registry import REPO_ROOT, TASKS, TaskSpec, get_task
 
 SAMPLE_DIR = REPO_ROOT / "sample_images"
 
@@ -62,6 +62,14 @@ SIZE_NOTE = ("Answers come from a 28×28 px reduction of the image. Near the dec
              "at another size or compression can get another answer; 'What the model saw' shows the input.")
 #: Two classes closer than this (calibrated probability) are a close call, not a firm answer.
 CLOSE_CALL = 0.10
+#: A thresholded answer (breast) is borderline when P(malignant) is this close to the threshold: the same shift
+#: of probability that flips a blood close call (half the gap moving from the first class to the second).
+BORDERLINE = CLOSE_CALL / 2
+#: What to try when a full-size ultrasound is unlike the training data: MedMNIST's images show only the scan.
+SCREENSHOT_HINT = (
+    "A screenshot or export that shows the scanner's text, rulers or borders around the scan looks unlike the "
+    "training images, which show the scan alone: crop to the ultrasound image itself."
+)
 
 
 # ---------------------------------------------------------------------------
@@ -238,7 +246,8 @@ def model_view_alt(prediction) -> str:
 
 
 def gradcam_alt(prediction) -> str:
-    return (f"Grad-CAM heatmap over the model's input, showing where the evidence for {prediction.label} lay, "
+    return (f"Grad-CAM heatmap over the model's input, showing where the evidence for "
+            f"{explained_class(prediction)[1]} lay, "
             "with a blue-to-red colour scale beneath it")
 
 
@@ -260,17 +269,109 @@ def was_centre_cropped(prediction) -> bool:
 
 
 def close_call(prediction) -> Optional[str]:
-    """'close call between A (p) and B (q)' when the two likeliest classes are within ``CLOSE_CALL``."""
+    """Why the answer is not firm, or None.
+
+    Blood: 'close call between A (p) and B (q)' when the two likeliest classes are within ``CLOSE_CALL``.
+    Breast: 'borderline' when P(malignant) is within ``BORDERLINE`` of the threshold, where the same picture at
+    another size or compression can fall on the other side (``SIZE_NOTE``).
+    """
+    spec = get_task(prediction.task)
+    if spec.decision == "threshold":
+        p, threshold = float(prediction.p_positive), float(prediction.threshold)
+        if abs(p - threshold) >= BORDERLINE:
+            return None
+        positive = spec.class_names[spec.positive_class]
+        return (f"Borderline: P({positive}) = {percent(p)} is within {BORDERLINE * 100:.0f} percentage points of "
+                f"the threshold ({percent(threshold)}).")
     ranked = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
-    if len(ranked) < 3 or ranked[0][1] - ranked[1][1] >= CLOSE_CALL:  # two classes: the threshold rule speaks
+    if ranked[0][1] - ranked[1][1] >= CLOSE_CALL:
         return None
     (first, p), (second, q) = ranked[:2]
     return f"Close call between {first} ({percent(p)}) and {second} ({percent(q)})."
 
 
 def prediction_markdown(prediction) -> str:
-    """The stable line that carries the label: ``**Prediction:** <label>``."""
-    return f"**Prediction:** {prediction.label}"
+    """The stable line that carries the label: ``**Prediction:** <label>``, and for a thresholded task the rule
+    that made it (a "malignant" at P = 18% must not read as a contradiction of the larger benign bar)."""
+    line = f"**Prediction:** {prediction.label}"
+    spec = get_task(prediction.task)
+    if spec.decision != "threshold":
+        return line
+    positive = spec.class_names[spec.positive_class]
+    p, threshold = percent(float(prediction.p_positive)), percent(float(prediction.threshold))
+    if prediction.class_index == spec.positive_class:
+        return f"{line} (flagged: P({positive}) {p} is at or above the threshold of {threshold})"
+    return f"{line} (not flagged: P({positive}) {p} is below the threshold of {threshold})"
+
+
+#: How far from square (longer / shorter side) a full-size upload that MedMNIST did not crop may be before the
+#: app says it was squashed: BUSI's sources were 500x500, so a 4:3 export has bars, a frame or another view.
+SQUASH_NOTE_RATIO = 1.05
+
+
+def squash_note(prediction) -> str:
+    """A note when a non-square full-size image was squashed to the square model input, or ''.
+
+    MedMNIST resized square breast sources; a letterboxed or framed export squashed the same way shows the
+    model a narrower lesion in a frame it never saw (validation images given black bars this way got many wrong
+    answers that the out-of-distribution rule let through), so the user should see that this happened."""
+    from .preprocessing import is_medmnist_thumbnail
+
+    if was_centre_cropped(prediction) or not prediction.source_size or is_medmnist_thumbnail(prediction.source_size):
+        return ""
+    width, height = prediction.source_size
+    if max(width, height) / min(width, height) < SQUASH_NOTE_RATIO:
+        return ""
+    size = get_task(prediction.task).image_size
+    return (f"Your {width}×{height} image was squashed to {size}×{size}, as MedMNIST resized its square source "
+            "images. If it has black bars, a border or the scanner's screen around the scan, crop to the scan "
+            "itself and upload again: the answer can change.")
+
+
+def ood_hints(prediction) -> list[str]:
+    """What the user can try when an image is unlike the training data."""
+    from .preprocessing import is_medmnist_thumbnail
+
+    hints = []
+    if was_centre_cropped(prediction):
+        hints.append(CROP_HINT)
+    elif (get_task(prediction.task).name == "breast" and prediction.source_size
+          and not is_medmnist_thumbnail(prediction.source_size)):
+        hints.append(SCREENSHOT_HINT)
+    return hints + [other_classifier_hint(prediction.task)]
+
+
+def other_classifier_hint(task: str) -> str:
+    """Where an image of the other modality belongs (a breast scan sent to the blood model, say)."""
+    return " ".join(f"If this is a {IMAGE_KIND[name][0].lower()}{IMAGE_KIND[name][1:]}, choose the "
+                    f"'{spec.title}' classifier above." for name, spec in TASKS.items() if name != task)
+
+
+def explained_class(prediction) -> tuple[int, str]:
+    """The class whose evidence Grad-CAM shows: the predicted one, or for a thresholded task always the class the
+    threshold looks for, since where the malignancy evidence lies is what a reader weighs either way."""
+    spec = get_task(prediction.task)
+    index = spec.positive_class if spec.decision == "threshold" else prediction.class_index
+    return index, spec.class_names[index]
+
+
+def calibration_mix_note(card: Optional[dict], prediction) -> str:
+    """The class mix the probabilities were calibrated on (the validation split's), or '' when the card lacks it:
+    a calibrated probability is a frequency in that mix, not a patient's risk in another population."""
+    matrix = ((card or {}).get("validation") or {}).get("confusion_matrix")
+    spec = get_task(prediction.task)
+    if not matrix or len(matrix) != spec.num_classes:
+        return ""
+    counts = np.asarray(matrix).sum(axis=1)
+    index = spec.positive_class if spec.decision == "threshold" else prediction.class_index
+    share = f"{counts[index] / counts.sum():.0%}"
+    name = spec.class_names[index]
+    if spec.decision == "threshold":
+        return (f"The probabilities are calibrated on the validation split, in which {share} of images "
+                f"({counts[index]} of {counts.sum()}) are {name}: where {name} images are rarer, the same score "
+                "means a lower risk.")
+    return (f"The probabilities are calibrated on the validation split's cell mix ({name}: {share} of its cells), "
+            "not on a patient's differential count.")
 
 
 def probabilities_frame(prediction):
@@ -282,13 +383,14 @@ def probabilities_frame(prediction):
 
 
 def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: Optional[dict[str, str]] = None):
-    """One row per file: file, label, [true_class, agrees,] confidence or P(malignant) and threshold, ood,
-    warnings, error.
+    """One row per file: file, label, confidence or P(malignant) and threshold, close_call, [true_class, agrees,]
+    ood, warnings, error.
 
     A thresholded task (breast) has no confidence column: its label comes from comparing P(malignant) with the
     threshold, so the probability of the label can be well under 50% ("malignant" at P = 0.30 > 0.18) and
-    would read as a contradiction.  ``truth`` (file name -> true class, for the sample gallery) adds the
-    true class and whether the label agrees with it (empty when there is no label).
+    would read as a contradiction.  ``close_call`` marks an answer that is not firm (``close_call()``), so a
+    table row is not read as more certain than the single-image view.  ``truth`` (file name -> true class, for
+    the sample gallery) adds the true class and whether the label agrees with it (empty when there is no label).
     """
     import pandas as pd
 
@@ -298,7 +400,7 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: O
     rows = []
     for result in results:
         row = {"file": result.name, "label": "", "true_class": (truth or {}).get(result.name, ""), "agrees": None,
-               **dict.fromkeys(scores), "ood": None, "warnings": "", "error": ""}
+               **dict.fromkeys(scores), "close_call": None, "ood": None, "warnings": "", "error": ""}
         prediction = result.prediction
         if prediction is None:
             row["error"] = result.error or "could not process this image"
@@ -309,6 +411,7 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: O
         else:
             row["label"] = prediction.label
             row["ood"] = False
+            row["close_call"] = close_call(prediction) is not None
             if row["true_class"]:
                 row["agrees"] = prediction.label == row["true_class"]
             if threshold_task:
@@ -318,11 +421,12 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: O
                 row["confidence"] = round(confidence(prediction), 4)
         rows.append(row)
     # The answer's own numbers next to it: on a phone only the first three or four columns fit the screen.
-    columns = ["file", "label"] + scores + (["true_class", "agrees"] if truth else []) + ["ood", "warnings", "error"]
+    columns = (["file", "label"] + scores + ["close_call"] + (["true_class", "agrees"] if truth else [])
+               + ["ood", "warnings", "error"])
     frame = pd.DataFrame(rows, columns=columns)
     for column in scores:
         frame[column] = frame[column].astype("Float64")
-    for column in ("ood", "agrees"):
+    for column in ("close_call", "ood", "agrees"):
         if column in frame:
             frame[column] = frame[column].astype("boolean")
     return frame
@@ -441,7 +545,7 @@ METRIC_NAMES = {
     "precision_macro": "Precision (macro)",
     "recall_macro": "Recall (macro)",
     "f1_weighted": "F1 (weighted)",
-    "accuracy_at_0_5": "Accuracy at P>0.5 (MedMNIST operating point)",
+    "accuracy_at_0_5": "Accuracy at P>0.5 (MedMNIST)",  # short: the pinned column cuts long names
     "ece": "Expected calibration error",
 }
 

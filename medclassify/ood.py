@@ -104,8 +104,10 @@ class OODDetector:
         elif self.means is not None and self.threshold is not None:
             score = float(self.distances(features)[0])
             if score > self.threshold:
-                reasons.append(f"unlike the training images (distance score {score:.0f}, over the model's limit "
-                               f"of {self.threshold:.0f}): the prediction is not reliable")
+                # the ratio says "just outside" or "far outside"; the bare scores mean nothing to a reader
+                times = f"{score / self.threshold:.1f} times" if self.threshold > 0 else "over"
+                reasons.append(f"unlike the training images (distance score {score:.0f}, {times} the model's "
+                               f"limit of {self.threshold:.0f}): the prediction is not reliable")
         return Verdict(bool(reasons), reasons, score)
 
 

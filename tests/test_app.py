@@ -66,7 +66,8 @@ def upload(at: AppTest, files) -> AppTest:
 
 
 def predicted_labels(at: AppTest) -> list[str]:
-    return [m.value[len(PREFIX):] for m in at.markdown if m.value.startswith(PREFIX)]
+    """The labels of the prediction lines (a breast line goes on with the threshold rule in brackets)."""
+    return [m.value[len(PREFIX):].split(" (")[0] for m in at.markdown if m.value.startswith(PREFIX)]
 
 
 def texts(elements) -> str:
@@ -157,8 +158,40 @@ def test_upload_one_image(task):
         assert "threshold" in verdicts and "P(malignant)" in verdicts
         assert aps.BREAST_NOTE in captions and aps.BREAST_CHART_NOTE in captions
         assert "On the official test split the model as served here flagged" in captions  # from the card
+        assert "in which 27% of images (21 of 78) are malignant" in captions  # the validation mix, from the card
+        line = [m.value for m in at.markdown if m.value.startswith(PREFIX)][0]
+        assert "flagged: P(malignant)" in line and "the threshold of" in line  # the rule, in the headline
     else:
         assert "Calibrated probability" in captions and aps.BLOOD_SCOPE_NOTE in captions
+        assert "calibrated on the validation split's cell mix" in captions
+    no_traceback(at)
+
+
+def test_borderline_breast_answer_is_marked_uncertain(monkeypatch):
+    """A P(malignant) a hair from the threshold must not look as firm as one far from it."""
+    name, data, mime = sample("breast", 0)
+    at = upload(select_task(new_app(), "breast"), (name, data, mime))
+    prediction = at.session_state["results"][1][0].prediction
+    firm = aps.close_call(prediction) is None
+    assert any("Borderline" in w.value for w in at.warning) == (not firm)
+    # move the threshold next to this image's score: the same image is now borderline
+    from medclassify.inference import get_predictor
+
+    monkeypatch.setattr(get_predictor("breast"), "threshold", float(prediction.p_positive) + 0.01)
+    at = upload(select_task(new_app(), "breast"), (name, data, mime))
+    assert any("Borderline" in w.value and "Treat this answer as uncertain" in w.value for w in at.warning)
+    no_traceback(at)
+
+
+def test_camera_photo_is_not_run_through_the_other_classifier():
+    at = new_app()
+    at.radio(key="source").set_value("Camera").run()
+    at.camera_input(key="camera_blood").set_value(("photo.jpg", jpeg(aps.list_samples("blood")[0].path),
+                                                   "image/jpeg")).run()
+    assert predicted_labels(at) or "Unlike the training data" in texts(at.warning)
+    at = select_task(at, "breast")
+    assert [c.key for c in at.camera_input] == ["camera_breast"]
+    assert not predicted_labels(at) and "Unlike the training data" not in texts(at.warning)
     no_traceback(at)
 
 
@@ -198,6 +231,7 @@ def test_ood_warning_instead_of_a_label():
     assert len(warnings) == 1
     assert aps.UNRELIABLE in warnings[0]
     assert "grayscale" in warnings[0]  # the reason from ood.py
+    assert aps.other_classifier_hint("blood") in warnings[0]  # where the image belongs
     expanders = [e.label for e in at.expander]
     assert any("unreliable" in label for label in expanders)
     assert_every_image_has_alt_text(at)
@@ -208,7 +242,8 @@ def test_ood_warning_instead_of_a_label():
 def test_ood_colour_image_to_breast_model():
     at = upload(select_task(new_app(), "breast"), sample("blood", 0))
     assert not predicted_labels(at)
-    assert any("Unlike the training data" in w.value and "colour image" in w.value for w in at.warning)
+    assert any("Unlike the training data" in w.value and "colour image" in w.value
+               and "'Blood cell type' classifier" in w.value for w in at.warning)
 
 
 def test_dicom_upload(awkward_files):
@@ -264,14 +299,14 @@ def test_camera_empty_and_photo():
     at.radio(key="source").set_value("Camera").run()
     assert len(at.camera_input) == 1
     assert not at.exception and not at.error and not predicted_labels(at)  # nothing taken yet
-    at.camera_input(key="camera").set_value(("photo.jpg", b"", "image/jpeg")).run()
+    at.camera_input(key="camera_blood").set_value(("photo.jpg", b"", "image/jpeg")).run()
     assert not at.exception
     assert len(at.error) == 1 and "empty" in at.error[0].value
     item = aps.list_samples("blood")[0]
-    at.camera_input(key="camera").set_value(("photo.jpg", jpeg(item.path), "image/jpeg")).run()
+    at.camera_input(key="camera_blood").set_value(("photo.jpg", jpeg(item.path), "image/jpeg")).run()
     assert not at.exception and not at.error
     assert predicted_labels(at) or any("Unlike the training data" in w.value for w in at.warning)
-    at.camera_input(key="camera").set_value(None).run()
+    at.camera_input(key="camera_blood").set_value(None).run()
     assert not at.exception and not predicted_labels(at)
 
 
@@ -288,7 +323,7 @@ def test_batch_upload_table_progress_csv(task):
     table = at.dataframe[0].value
     assert list(table["file"]) == [f[0] for f in files]
     expected = ["file", "label"] + (["p_malignant", "threshold"] if spec.decision == "threshold"
-                                    else ["confidence"]) + ["ood", "warnings", "error"]
+                                    else ["confidence"]) + ["close_call", "ood", "warnings", "error"]
     assert list(table.columns) == expected
     assert set(table["label"][:3]) <= set(spec.class_names) | {aps.NO_ANSWER}
     assert table["error"].iloc[3] and not table["error"].iloc[:3].any()

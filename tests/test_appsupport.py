@@ -223,9 +223,11 @@ def test_results_table_blood():
                aps.ImageResult("b.png", fake_prediction("blood", 1, ood=True)),
                aps.ImageResult("c.png", error="not a recognised image file")]
     table = aps.results_table(results, "blood")
-    assert list(table.columns) == ["file", "label", "confidence", "ood", "warnings", "error"]  # no truth given
+    assert list(table.columns) == ["file", "label", "confidence", "close_call", "ood", "warnings",
+                                   "error"]  # no truth given
     assert table.loc[0, "label"] == "neutrophil" and table.loc[0, "confidence"] == pytest.approx(0.8)
-    assert not table.loc[0, "ood"]
+    assert not table.loc[0, "ood"] and not table.loc[0, "close_call"]
+    assert table["close_call"].isna().tolist()[1:] == [True, True]  # no answer, nothing to be close about
     # unlike the training data: no label is given, only the reasons
     assert table.loc[1, "label"] == aps.NO_ANSWER and table.loc[1, "ood"]
     assert "unlike the training images" in table.loc[1, "warnings"]
@@ -238,8 +240,10 @@ def test_results_table_breast_has_p_malignant_and_threshold_not_a_confidence():
     malignant.threshold = 0.2
     table = aps.results_table([aps.ImageResult("m.png", malignant),
                                aps.ImageResult("x.png", error="file is empty")], get_task("breast"))
-    assert list(table.columns) == ["file", "label", "p_malignant", "threshold", "ood", "warnings", "error"]
+    assert list(table.columns) == ["file", "label", "p_malignant", "threshold", "close_call", "ood", "warnings",
+                                   "error"]
     assert table.loc[0, "label"] == "malignant"
+    assert table.loc[0, "close_call"]  # 0.25 is within BORDERLINE of 0.2: the row says so, not only the detail view
     assert table.loc[0, "p_malignant"] == pytest.approx(0.25)
     assert table.loc[0, "threshold"] == pytest.approx(0.2)
 
@@ -251,7 +255,8 @@ def test_results_table_with_the_true_classes_of_the_gallery():
                aps.ImageResult("x.png", error="bad")]
     truth = {"n.png": "neutrophil", "e.png": "eosinophil", "o.png": "eosinophil", "x.png": "basophil"}
     table = aps.results_table(results, "blood", truth)
-    assert list(table.columns) == ["file", "label", "confidence", "true_class", "agrees", "ood", "warnings", "error"]
+    assert list(table.columns) == ["file", "label", "confidence", "close_call", "true_class", "agrees", "ood",
+                                   "warnings", "error"]
     assert list(table["true_class"]) == ["neutrophil", "eosinophil", "eosinophil", "basophil"]
     assert table["agrees"].tolist()[:2] == [True, False]
     assert table["agrees"].isna().tolist()[2:] == [True, True]  # no label, nothing to agree with
@@ -313,6 +318,18 @@ def test_close_call_names_the_two_classes():
     assert aps.close_call(fake_prediction("breast", 0, p=0.52)) is None  # two classes: the threshold decides
 
 
+@pytest.mark.parametrize("p, borderline", [(0.30, True), (0.26, True), (0.34, True), (0.24, False), (0.36, False),
+                                           (0.9, False), (0.01, False)])
+def test_breast_answer_near_the_threshold_is_borderline(p, borderline):
+    prediction = fake_prediction("breast", 0 if p >= 0.3 else 1, p=p if p >= 0.3 else 1 - p)  # threshold 0.3
+    assert prediction.p_positive == pytest.approx(p)
+    message = aps.close_call(prediction)
+    assert (message is not None) == borderline
+    if borderline:
+        assert message == (f"Borderline: P(malignant) = {aps.percent(p)} is within 5 percentage points of the "
+                           "threshold (30.0%).")
+
+
 def test_breast_test_record_counts_what_the_answering_model_caught():
     assert aps.breast_test_record(CARD, "float") == (
         "On the official test split this model flagged 34 of 42 malignant images and 11 of 114 benign ones: "
@@ -334,6 +351,65 @@ def test_duration():
 
 def test_prediction_markdown_has_stable_prefix():
     assert aps.prediction_markdown(fake_prediction("blood", 2)) == "**Prediction:** erythroblast"
+    # breast: the rule that made the label, so "malignant" at P = 18% does not read as a contradiction
+    flagged = fake_prediction("breast", 1, p=0.8)  # P(malignant) 0.2 < threshold 0.3 ...
+    flagged.class_index, flagged.label = 0, "malignant"  # ... as if the threshold were 0.15
+    flagged.threshold = 0.15
+    assert aps.prediction_markdown(flagged) == ("**Prediction:** malignant (flagged: P(malignant) 20.0% is at or "
+                                                "above the threshold of 15.0%)")
+    assert aps.prediction_markdown(fake_prediction("breast", 1, p=0.9)) == (
+        "**Prediction:** normal/benign (not flagged: P(malignant) 10.0% is below the threshold of 30.0%)")
+
+
+def test_grad_cam_shows_malignancy_evidence_for_breast_and_the_answer_for_blood():
+    assert aps.explained_class(fake_prediction("blood", 4)) == (4, "lymphocyte")
+    for index in (0, 1):
+        assert aps.explained_class(fake_prediction("breast", index)) == (0, "malignant")
+    assert "evidence for malignant lay" in aps.gradcam_alt(fake_prediction("breast", 1))
+
+
+def test_calibration_mix_comes_from_the_cards_validation_counts():
+    card = {"validation": {"confusion_matrix": [[20, 1], [2, 55]]}}
+    assert aps.calibration_mix_note(card, fake_prediction("breast", 1)) == (
+        "The probabilities are calibrated on the validation split, in which 27% of images (21 of 78) are "
+        "malignant: where malignant images are rarer, the same score means a lower risk.")
+    blood = {"validation": {"confusion_matrix": (np.eye(8, dtype=int) * [10, 10, 10, 10, 10, 10, 30, 10]).tolist()}}
+    assert "(neutrophil: 30% of its cells)" in aps.calibration_mix_note(blood, fake_prediction("blood", 6))
+    assert aps.calibration_mix_note({}, fake_prediction("blood", 6)) == ""
+    assert aps.calibration_mix_note({"validation": {"confusion_matrix": [[1]]}}, fake_prediction("blood")) == ""
+
+
+def test_ood_hints_fit_the_upload():
+    blood = fake_prediction("blood", ood=True)
+    assert aps.ood_hints(blood) == [aps.other_classifier_hint("blood")]  # no size known: nothing about cropping
+    blood.source_size = (360, 363)
+    assert aps.ood_hints(blood)[0] == aps.CROP_HINT
+    scan = fake_prediction("breast", ood=True)
+    scan.source_size = (28, 28)  # a MedMNIST thumbnail has no scanner border to crop
+    assert aps.ood_hints(scan) == [aps.other_classifier_hint("breast")]
+    scan.source_size = (1024, 768)
+    assert aps.ood_hints(scan) == [aps.SCREENSHOT_HINT, aps.other_classifier_hint("breast")]
+
+
+def test_squash_note_only_for_non_square_full_size_uploads():
+    scan = fake_prediction("breast")
+    assert aps.squash_note(scan) == ""  # no size known
+    for square in [(500, 500), (28, 28), (510, 500)]:  # under SQUASH_NOTE_RATIO: no note
+        scan.source_size = square
+        assert aps.squash_note(scan) == ""
+    scan.source_size = (600, 450)
+    assert aps.squash_note(scan).startswith("Your 600×450 image was squashed to 28×28")
+    scan.source_size = (450, 600)
+    assert "crop to the scan" in aps.squash_note(scan)
+    cell = fake_prediction("blood")
+    cell.source_size = (640, 480)  # blood is centre-cropped to a square, never squashed
+    assert aps.squash_note(cell) == ""
+
+
+def test_other_classifier_hint_names_the_other_task():
+    assert aps.other_classifier_hint("blood") == ("If this is a breast ultrasound image, choose the "
+                                                  "'Breast ultrasound' classifier above.")
+    assert "'Blood cell type' classifier" in aps.other_classifier_hint("breast")
 
 
 def test_summary_counts():
@@ -375,7 +451,8 @@ def test_every_image_the_app_shows_has_a_description_for_screen_readers(task):
     assert aps.sample_alt(task).startswith(aps.IMAGE_KIND[task])
     assert "28×28 pixels" in aps.model_view_alt(prediction)
     assert aps.IMAGE_KIND[task] not in aps.model_view_alt(prediction)  # an upload may show anything
-    assert prediction.label in aps.gradcam_alt(prediction) and "colour scale" in aps.gradcam_alt(prediction)
+    alt = aps.gradcam_alt(prediction)
+    assert aps.explained_class(prediction)[1] in alt and "colour scale" in alt
 
 
 def test_predictions_keep_the_uploads_size(predictors):

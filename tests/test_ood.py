@@ -99,7 +99,7 @@ def test_feature_distance_rule():
     assert not near.flagged and near.score == pytest.approx(1.0)
     far = detector.check(image, None, np.array([[3.0, 0.0, 0.0]]))
     assert far.flagged and far.score == pytest.approx(9.0)
-    assert "distance score 9, over the model's limit of 4" in far.reasons[0]
+    assert "distance score 9, 2.2 times the model's limit of 4" in far.reasons[0]  # how far out, not only that
 
 
 def test_statistics_fitted_on_other_features_are_reported(tiny_models, tmp_path, capsys):
