@@ -545,7 +545,8 @@ def medmnist_geometry(image: Image.Image, spec: TaskSpec) -> Image.Image:
         # 28 px and enlarged again were called malignant almost always).
         raise ImageError(f"image is too small ({width}x{height}): the model needs at least {size}x{size} pixels")
     if image.size != (size, size):
-        # MedMNIST resized with cubic interpolation; PIL's bicubic also antialiases.
+        # MedMNIST does not name its resize filter (the v2 paper and its on_medmnist_plus.md say "resized"):
+        # bicubic, which PIL antialiases when shrinking, is our assumption (README, "How an image becomes ...").
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return image
 
