@@ -228,14 +228,11 @@ def _crop_side(prediction) -> Optional[int]:
     return centre_crop_side(prediction.source_size, get_task(prediction.task)) if prediction.source_size else None
 
 
-# What each task's sample images show, for screen readers (st.image's alt text; a caption is not an
-# accessible name). Only for the samples: what an upload shows is not known.
-IMAGE_KIND = {"blood": "Microscope image of one stained blood cell",
-              "breast": "Breast ultrasound image"}
-
-
 def sample_alt(task: str) -> str:
-    return f"{IMAGE_KIND[task]} from the MedMNIST test split"
+    # what each sample shows, for screen readers (st.image's alt text; a caption is not an accessible name);
+    # only for the samples: what an upload shows is not known
+    kind = get_task(task).image_kind
+    return f"{kind[:1].upper()}{kind[1:]} from the MedMNIST test split"
 
 
 def model_view_alt(prediction) -> str:
@@ -335,16 +332,16 @@ def ood_hints(prediction) -> list[str]:
     hints = []
     if was_centre_cropped(prediction):
         hints.append(CROP_HINT)
-    elif (get_task(prediction.task).name == "breast" and prediction.source_size
-          and not is_medmnist_thumbnail(prediction.source_size)):
+    elif (not get_task(prediction.task).source_center_crop and prediction.source_size
+          and not is_medmnist_thumbnail(prediction.source_size)):  # a full-size image that MedMNIST only resized
         hints.append(SCREENSHOT_HINT)
     return hints + [other_classifier_hint(prediction.task)]
 
 
 def other_classifier_hint(task: str) -> str:
     """Where an image of the other modality belongs (a breast scan sent to the blood model, say)."""
-    return " ".join(f"If this is a {IMAGE_KIND[name][0].lower()}{IMAGE_KIND[name][1:]}, choose the "
-                    f"'{spec.title}' classifier above." for name, spec in TASKS.items() if name != task)
+    return " ".join(f"If this is a {spec.image_kind}, choose the '{spec.title}' classifier above."
+                    for name, spec in TASKS.items() if name != task)
 
 
 def explained_class(prediction) -> tuple[int, str]:

@@ -88,12 +88,13 @@ class OODDetector:
         reasons = []
         colour = prepared.colourfulness
         if self.spec.channels == 1 and colour > self.grayscale_max_colourfulness:
-            reasons.append("colour image: the breast model expects a grayscale ultrasound image")
+            reasons.append(f"colour image: the {self.spec.title.lower()} classifier expects a grayscale "
+                           f"{self.spec.image_kind}")
         if self.spec.channels == 3:
             minimum = self.grayscale_max_colourfulness if self.min_colourfulness is None else self.min_colourfulness
             if colour < minimum:
-                reasons.append("grayscale or washed-out image: the blood model expects a stained colour "
-                               "microscope image")
+                reasons.append(f"grayscale or washed-out image: the {self.spec.title.lower()} classifier expects "
+                               f"a colour {self.spec.image_kind}")
         pixels = np.asarray(prepared.array, dtype=np.float32).reshape(-1, prepared.array.shape[-1])
         if float(pixels.std(axis=0).max()) < self.blank_max_std:  # per channel: a flat colour is blank too
             reasons.append("blank image: there is almost no contrast to classify")

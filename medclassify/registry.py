@@ -48,6 +48,9 @@ class TaskSpec:
     # (a stained smear is light, an ultrasound frame outside the beam is black).
     background: int = 255
     expected_input: str = ""
+    # What one image of this task shows, in words that fit "If this is a ..." (screen-reader alt text of the
+    # samples, and the hint that points an image of another task to its classifier).
+    image_kind: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -120,6 +123,7 @@ TASKS: dict[str, TaskSpec] = {
             "A colour microscope image of one stained blood cell: a 28-px BloodMNIST "
             "thumbnail or a full-size PBC-style JPEG (about 360x363), centred on the cell."
         ),
+        image_kind="microscope image of one stained blood cell",
     ),
     "breast": TaskSpec(
         name="breast",
@@ -148,6 +152,7 @@ TASKS: dict[str, TaskSpec] = {
             "A grayscale breast ultrasound image: a 28-px BreastMNIST thumbnail or a "
             "full-size BUSI-style PNG (about 500x500)."
         ),
+        image_kind="breast ultrasound image",
     ),
 }
 

@@ -59,7 +59,8 @@ def test_modality_rules_without_statistics():
     assert verdict.flagged and "grayscale" in verdict.reasons[0] and verdict.score is None
     assert not breast.check(_prepared(grayscale(), "breast"), None, dummy).flagged
     verdict = breast.check(_prepared(colourful(), "breast"), None, dummy)
-    assert verdict.flagged and "colour image" in verdict.reasons[0]
+    assert verdict.flagged and verdict.reasons[0] == ("colour image: the breast ultrasound classifier expects a "
+                                                      "grayscale breast ultrasound image")  # named from the spec
 
 
 def test_blood_min_colourfulness_from_the_card():

@@ -12,6 +12,8 @@ def test_two_tasks():
     for name, spec in TASKS.items():
         assert spec.name == name
         assert get_task(name) is spec
+        # the words the app builds its sentences from ("If this is a <image_kind>, choose ...")
+        assert spec.image_kind and spec.image_kind == spec.image_kind.lower() and spec.expected_input
 
 
 def test_blood_spec():
