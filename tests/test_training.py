@@ -502,3 +502,44 @@ def test_validation_selector_keeps_the_best_epochs_weights(task, monkeypatch):
     assert not all(np.array_equal(a, b) for a, b in zip(weights_seen[1], weights_seen[2]))
     for restored, best in zip(model.get_weights(), weights_seen[1]):
         np.testing.assert_array_equal(restored, best)
+
+
+def test_temperature_is_fitted_on_the_validation_outputs(fixture_data_dir, monkeypatch):
+    """``fit_temperature`` gets the uncalibrated model's probabilities on the validation split and the
+    validation labels, never the training split's (the card says "fitted on the validation split")."""
+    from medclassify import models
+
+    seen = {}
+
+    def fit_spy(model, train_split, val_split, spec, cfg, epochs, learning_rate, class_weight):
+        seen["train"], seen["val"] = train_split, val_split
+        return {"loss": [1.0]}, 1
+
+    outputs = []
+
+    def predict_spy(model, images, batch_size=512):
+        probs = models.predict_probabilities(model, images, batch_size)
+        outputs.append((images, probs))
+        return probs
+
+    fitted = []
+
+    def temperature_spy(probabilities, labels):
+        fitted.append((probabilities, labels))
+        return 1.5
+
+    monkeypatch.setattr(training, "_fit", fit_spy)
+    monkeypatch.setattr(training, "predict_probabilities", predict_spy)
+    monkeypatch.setattr(training, "fit_temperature", temperature_spy)
+    cfg = TrainConfig(task="breast", epochs=1, limit=30, widths=(4, 8), batch_size=64,
+                      data_dir=str(fixture_data_dir), verbose=0)
+    result = train(cfg)
+    assert result.temperature == 1.5 and len(fitted) == 1
+    probabilities, labels = fitted[0]
+    val, train_split = seen["val"], seen["train"]
+    assert len(val.labels) != len(train_split.labels)  # 8 and 30: the two cannot be confused
+    np.testing.assert_array_equal(labels, val.labels)
+    images = next((images for images, probs in outputs if probs is probabilities), None)  # whose outputs
+    assert images is not None, "fit_temperature got probabilities the model did not give for a whole split"
+    np.testing.assert_array_equal(images, val.images)
+    assert probabilities.shape == (len(val.labels), 2)
