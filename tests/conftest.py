@@ -137,6 +137,17 @@ def require_chromium() -> Path:
     return CHROMIUM
 
 
+def require_playwright():
+    """``playwright.sync_api``; its absence skips a browser test on a user's machine and fails it where the
+    browser tests are required (an ``importorskip`` would skip them in CI too)."""
+    try:
+        from playwright import sync_api
+    except ImportError as exc:
+        _missing(f"Playwright for Python is not installed ({exc}; pip install playwright)", browser_required(),
+                 "CI=true or MEDCLASSIFY_REQUIRE_BROWSER=1")
+    return sync_api
+
+
 def pytest_runtest_setup(item):
     marker = item.get_closest_marker("realdata")
     if marker is not None:

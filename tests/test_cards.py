@@ -212,3 +212,18 @@ def test_a_full_run_keeps_every_limitation():
     for task in TASKS:
         assert training_limitations(get_task(task), TrainConfig(task=task), 78) == LIMITATIONS[task]
     assert len([t for t in LIMITATIONS["breast"] if t in OFFICIAL_SPLITS_ONLY]) == 2
+
+
+@pytest.mark.parametrize("target", [0.9, 0.975])
+def test_threshold_rule_names_the_runs_target_sensitivity(tmp_path, target):
+    """The card states the sensitivity the threshold was chosen for: the run's, not the default 0.95."""
+    from medclassify.training import TrainConfig, TrainResult
+
+    cfg = TrainConfig(task="breast", epochs=1, target_sensitivity=target)
+    result = TrainResult(model=None, config=cfg, history={}, best_epoch=1, temperature=1.0, threshold=0.3,
+                         val_metrics={"n": 78}, wall_time_s=1.0)
+    cards.write_training_card(tmp_path / "model_breast.h5", result, command="tests")
+    card = read_card(tmp_path / "model_breast.h5")
+    assert card["decision"]["threshold_rule"].endswith(f"sensitivity >= {target}")
+    assert "0.95" not in card["decision"]["threshold_rule"]
+    assert card["training"]["config"]["target_sensitivity"] == target

@@ -127,6 +127,7 @@ def test_cli_predict_text_output(tiny_models, fixture_images, capsys):
     code, lines, _ = run_cli(["predict", "--task", "breast", "--model", str(tiny_models["breast"].path),
                               "--no-progress", *paths], capsys)
     assert code == 0 and len(lines) == len(paths)
+    answered = 0
     for path, line in zip(paths, lines):
         file, label, confidence, *warning = line.split("\t")
         assert file == path
@@ -137,8 +138,10 @@ def test_cli_predict_text_output(tiny_models, fixture_images, capsys):
             p_malignant = float(confidence.removeprefix("P(malignant)="))
             threshold = float(warning[0].removeprefix("threshold="))
             assert 0 <= p_malignant <= 1
+            answered += 1
             if abs(p_malignant - threshold) > 0.001:  # printed to 3 decimals
                 assert (label == "malignant") == (p_malignant > threshold)
+    assert answered >= 1, "every line was withheld: the threshold checks above never ran"
 
 
 def test_cli_predict_breast_json_has_threshold(tiny_models, fixture_images, capsys):

@@ -288,3 +288,50 @@ def test_evaluate_decides_at_the_registry_default_when_the_card_has_no_threshold
     probs = predict_split(load_model(model, get_task("breast")), data.images)
     expected = np.where(probs[:, 0] >= 0.4, 0, 1)
     assert m["confusion_matrix"] == confusion_matrix(data.labels, expected, labels=[0, 1]).tolist()
+
+
+def _separable_at(threshold: float, n: int = 120, seed: int = 0):
+    """Breast labels and probabilities that ``threshold`` separates perfectly and 0.5 does not: every P(malignant)
+    sits on the same side of 0.5, malignant cases above ``threshold`` and benign ones below it."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([0, 1] * (n // 2))  # label 0 = malignant
+    if threshold > 0.5:
+        p = np.where(labels == 0, rng.uniform(threshold + 0.02, 0.99, n), rng.uniform(0.51, threshold - 0.02, n))
+    else:
+        p = np.where(labels == 0, rng.uniform(threshold + 0.02, 0.49, n), rng.uniform(0.01, threshold - 0.02, n))
+    return labels, np.column_stack([p, 1.0 - p])
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.8])
+def test_bootstrap_decides_at_the_given_threshold(threshold):
+    """The intervals describe the card's operating point, not 0.5: at a threshold that separates the classes
+    perfectly, every resample has sensitivity, specificity and accuracy 1 (at 0.5, one of them would be 0)."""
+    from medclassify.evaluation import bootstrap_ci
+
+    labels, probs = _separable_at(threshold)
+    assert compute_metrics(BREAST, labels, probs, threshold=0.5)["accuracy"] == 0.5  # the control: 0.5 fails
+    m = compute_metrics(BREAST, labels, probs, threshold=threshold, bootstrap=50, seed=3)
+    assert m["sensitivity"] == m["specificity"] == m["accuracy"] == 1.0
+    for key in ("sensitivity", "specificity", "accuracy", "balanced_accuracy", "f1_macro"):
+        assert m["ci95"][key] == [1.0, 1.0], key
+    assert bootstrap_ci(BREAST, labels, probs, threshold, resamples=50, seed=3)["accuracy"] == [1.0, 1.0]
+
+
+def test_bootstrap_intervals_are_95_percent_wide():
+    """A 95% interval of a proportion is about 2 x 1.96 binomial standard errors wide (a 50% one, 25th to 75th
+    percentile, would be 2 x 0.67: a third of that; 10th to 90th, two thirds)."""
+    rng = np.random.default_rng(11)
+    n = 400
+    labels = rng.integers(0, 2, n)
+    # noisy scores: accuracy, sensitivity and specificity all well inside (0, 1)
+    p_malignant = np.clip(np.where(labels == 0, 0.6, 0.4) + rng.normal(0, 0.25, n), 0.001, 0.999)
+    probs = np.column_stack([p_malignant, 1.0 - p_malignant])
+    m = compute_metrics(BREAST, labels, probs, threshold=0.5, bootstrap=250, seed=0)
+    counts = {"accuracy": n, "sensitivity": int((labels == 0).sum()), "specificity": int((labels == 1).sum())}
+    for key, count in counts.items():
+        p = m[key]
+        assert 0.6 < p < 0.9, (key, p)
+        expected = 2 * 1.96 * np.sqrt(p * (1 - p) / count)
+        low, high = m["ci95"][key]
+        assert 0.75 * expected < high - low < 1.25 * expected, (key, high - low, expected)  # 250 resamples: +-10%
+        assert low < p < high

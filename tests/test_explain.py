@@ -156,3 +156,29 @@ def test_overlay_grayscale_and_display_size():
     assert (overlay(image, heat, 0.0, size=196)[:7, :7] == image[0, 0, 0]).all()
     # out-of-range opacity is clipped, never an error
     assert overlay(image, heat, 5.0).shape == (28, 28, 3)
+
+
+def test_gradcam_explains_the_requested_class_not_the_top_one(tmp_path):
+    """Every class's map equals a Grad-CAM written out with ``tf.GradientTape`` for that class's logit; the
+    maps of the top class and the others differ, so a heatmap of the top logit for every request would fail."""
+    import tensorflow as tf
+
+    model = load_model(_tiny_h5(tmp_path, "blood", train=True))
+    image = _image("blood", seed=5)
+    x = tf.constant(image[None].astype(np.float32))
+    grad_model = keras.Model(model.inputs, [model.get_layer("pool").input, model.get_layer("logits").output])
+
+    def reference(class_index: int) -> np.ndarray:
+        with tf.GradientTape() as tape:
+            maps, logits = grad_model(x, training=False)
+            score = logits[0, class_index]
+        weights = tf.reduce_mean(tape.gradient(score, maps), axis=(1, 2))
+        cam = tf.nn.relu(tf.reduce_sum(maps * weights[:, None, None, :], axis=-1))
+        return tf.image.resize(cam[..., None], (28, 28), method="bilinear")[0, ..., 0].numpy()
+
+    top = int(np.argmax(model(x, training=False)[0]))
+    explainer = GradCAM(model)
+    maps = {c: reference(c) for c in range(8)}
+    for c in range(8):
+        np.testing.assert_allclose(explainer.raw(image, c), maps[c], rtol=1e-4, atol=1e-6, err_msg=f"class {c}")
+    assert any(not np.allclose(maps[c], maps[top], rtol=1e-3, atol=1e-6) for c in range(8) if c != top)

@@ -98,3 +98,37 @@ def test_cli_export(tiny_models, tmp_path, capsys):
     assert code == 0
     assert str(base / "1") in capsys.readouterr().out
     assert (base / "1" / "saved_model.pb").is_file()
+
+
+def test_savedmodel_calls_a_probability_on_the_threshold_positive(tiny_models, tmp_path):
+    """The served rule is the metrics' rule, ``P(malignant) >= threshold``, at exact ties too: the card's
+    threshold is set to a probability the exported graph gives, and that image must come back malignant."""
+    import shutil
+
+    import tensorflow as tf
+
+    from medclassify.cards import card_path, read_card, write_card
+
+    spec = get_task("breast")
+    model = tmp_path / "model_breast.h5"
+    shutil.copyfile(tiny_models["breast"].path, model)
+    shutil.copyfile(card_path(tiny_models["breast"].path), card_path(model))
+    images = tf.constant(np.random.default_rng(3).integers(0, 256, (8, *spec.input_shape)).astype(np.float32))
+
+    def serve():
+        version = export_savedmodel("breast", tmp_path / "serving", model)
+        out = tf.saved_model.load(str(version)).signatures["serving_default"](image=images)
+        return out["probabilities"].numpy(), out["class_index"].numpy()
+
+    probs, _ = serve()
+    p_malignant = probs[:, spec.positive_class]
+    tie = int(np.argsort(p_malignant)[len(p_malignant) // 2])  # a middle one: others fall on both sides
+    card = read_card(model)
+    card["decision"]["threshold"] = float(p_malignant[tie])  # float32 -> float64 -> float32 is exact
+    write_card(model, card)
+    again, classes = serve()
+    np.testing.assert_array_equal(again, probs)  # the same graph: the tie is exact
+    assert classes[tie] == spec.positive_class
+    assert classes.tolist() == np.where(p_malignant >= p_malignant[tie], spec.positive_class,
+                                        1 - spec.positive_class).tolist()
+    assert len(set(classes.tolist())) == 2

@@ -3,7 +3,8 @@ match the shipped models' cards, and executable top to bottom (smoke mode in CI)
 
 * ``test_notebooks_are_generated``: the committed cells are exactly what the generator writes.
 * ``test_committed_outputs_match_shipped_cards``: the committed outputs were produced from the
-  shipped model files and cards as they are now (skipped while a notebook has no outputs).
+  shipped model files and cards as they are now (skipped while a notebook has no outputs; an error in
+  CI, where the committed notebooks must carry them).
 * ``test_notebook_runs_in_smoke_mode`` (realdata): executes each notebook with
   ``MEDCLASSIFY_NOTEBOOK_SMOKE=1`` into a temp folder; no cell may fail and each must finish within
   ``MEDCLASSIFY_NOTEBOOK_BUDGET_S`` seconds (default 180).
@@ -57,6 +58,17 @@ def _shipped_state(task: str, check_keys: list) -> tuple[str, dict | None]:
             {key: card_test.get(key) for key in check_keys} if card_test else None)
 
 
+
+def skip_or_fail_without_outputs(notebook: Path) -> None:
+    """A committed notebook without outputs: skipped on a machine where one is being rewritten, a failure
+    in CI (``CI=true``), where a skip would let a notebook committed without its results pass unnoticed."""
+    from conftest import in_ci
+
+    message = f"{notebook.name} has no outputs yet: run `make notebooks`"
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: the committed notebooks must carry their outputs)", pytrace=False)
+    pytest.skip(message)
+
 @pytest.mark.parametrize("task", TASKS)
 def test_notebooks_are_generated(make_notebooks, task):
     assert not make_notebooks.missing_narrative(), "a variant has no narrative cell in scripts/make_notebooks.py"
@@ -71,7 +83,7 @@ def test_notebooks_are_generated(make_notebooks, task):
 def test_committed_outputs_match_shipped_cards(run_notebooks, task):
     committed = nbformat.read(str(run_notebooks.NOTEBOOKS[task]), as_version=4)
     if not any(cell.get("outputs") for cell in committed.cells if cell.cell_type == "code"):
-        pytest.skip(f"{run_notebooks.NOTEBOOKS[task].name} has no outputs yet: run `make notebooks`")
+        skip_or_fail_without_outputs(run_notebooks.NOTEBOOKS[task])
     record = run_notebooks.check_record(committed)
     assert record is not None, "the shipped-model check cell has no output: re-run `make notebooks`"
     assert record["smoke"] is False, "committed outputs come from smoke mode: re-run `make notebooks`"
@@ -94,7 +106,7 @@ def test_committed_comparison_table_is_the_current_one(run_notebooks, task):
                 if cell.cell_type == "code" for output in cell.get("outputs", [])]
     shown = [text for text in markdown if "Variant cards in" in text]
     if not shown:
-        pytest.skip(f"{run_notebooks.NOTEBOOKS[task].name} has no outputs yet: run `make notebooks`")
+        skip_or_fail_without_outputs(run_notebooks.NOTEBOOKS[task])
     assert len(shown) == 1 and shown[0].endswith(experiments.comparison_table(task)), \
         "the notebook shows another comparison table than the cards give now: re-run `make notebooks`"
 

@@ -226,3 +226,29 @@ def test_flag_counts_leaves_refused_images_out_of_the_share():
     assert flag_counts(Stub(), ["odd", "fine", "small", "odd", "small"]) == (2 / 3, 3, {"image is too small": 2})
     share, answered, refusals = flag_counts(Stub(), ["small"])
     assert np.isnan(share) and answered == 0 and refusals == {"image is too small": 1}
+
+
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_distance_threshold_is_the_quantile_of_the_validation_distances(tiny_models, fixture_data_dir, task):
+    """The card's rule, "99% quantile of validation distances", recomputed from the statistics file: the
+    statistics come from train, the threshold from validation (the tiny models' train and validation
+    quantiles differ by far more than the tolerance, so the split is told apart)."""
+    from medclassify.data import load_split
+    from medclassify.inference import Predictor
+    from medclassify.ood import VALIDATION_QUANTILE
+
+    tiny = tiny_models[task]
+    predictor = Predictor(task, tiny.path, warm=False)
+    with np.load(ood_path(tiny.path)) as stats:
+        means, precision = stats["means"].astype(np.float64), stats["precision"].astype(np.float64)
+
+    def quantile_of_distances(split: str) -> float:
+        _, features = predictor.predict_arrays(load_split(task, split, data_dir=fixture_data_dir).images)
+        diffs = features.astype(np.float64)[:, None, :] - means[None]
+        distances = np.einsum("nkd,de,nke->nk", diffs, precision, diffs).min(axis=1)
+        return float(np.quantile(distances, VALIDATION_QUANTILE))
+
+    expected, on_train = quantile_of_distances("val"), quantile_of_distances("train")
+    assert tiny.ood["threshold_rule"] == f"{VALIDATION_QUANTILE:.0%} quantile of validation distances"
+    assert tiny.ood["distance_threshold"] == pytest.approx(expected, rel=1e-4)
+    assert on_train != pytest.approx(expected, rel=1e-2)  # the control: the splits give different thresholds

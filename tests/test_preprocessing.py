@@ -1072,3 +1072,19 @@ def test_our_pixel_limit_is_under_pillows_warning_limit():
     from medclassify.preprocessing import MAX_PIXELS
 
     assert MAX_PIXELS < Image.MAX_IMAGE_PIXELS
+
+
+@pytest.mark.parametrize("width, height", [(420, 300), (300, 420)])  # landscape and portrait
+def test_blood_centre_crop_of_a_non_square_image(width, height):
+    """The crop is centred on both axes: left from the width, top from the height (a square image cannot
+    tell them apart). The reference crop is plain array slicing."""
+    from medclassify.preprocessing import medmnist_geometry
+
+    array = gradient(width, height, seed=7)
+    side = round(min(width, height) * 200 / 360)
+    top, left = (height - side) // 2, (width - side) // 2
+    reference = np.asarray(Image.fromarray(array[top:top + side, left:left + side])
+                           .resize((28, 28), Image.Resampling.BICUBIC))
+    out = np.asarray(medmnist_geometry(Image.fromarray(array), get_task("blood")))
+    np.testing.assert_array_equal(out, reference)
+    np.testing.assert_array_equal(to_model_input(Image.fromarray(array), "blood"), reference)

@@ -231,3 +231,32 @@ def test_quantize_command_refits_the_ood_statistics(tiny_models, fixture_data_di
     monkeypatch.setattr(quantization, "refusal", lambda *args: "int8 changes 9 of 8 validation decisions")
     assert main(["quantize", "--task", "breast", "--model", str(path), "--data-dir", str(fixture_data_dir)]) == 1
     assert capsys.readouterr().err == "error: int8 changes 9 of 8 validation decisions; keeping the float model\n"
+
+
+def test_int8_calibration_images_come_from_the_training_split(tiny_models, fixture_data_dir, tmp_path, monkeypatch):
+    """The card says the activation ranges were calibrated on "train": the images ``int8_copy`` gets are
+    training images (validation decides whether the copy is kept, so it must not have shaped it)."""
+    from medclassify.data import load_split
+
+    path = _copy_model(tiny_models["blood"].path, tmp_path / "model")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(graph, calibration):
+        seen.append(np.asarray(calibration).copy())
+        raise Stop
+
+    monkeypatch.setattr(quantization, "int8_copy", record)
+    with pytest.raises(Stop):
+        quantization.quantize("blood", path, str(fixture_data_dir), calibration_images=20)
+    train = load_split("blood", "train", data_dir=fixture_data_dir)
+    val = load_split("blood", "val", data_dir=fixture_data_dir)
+    train_rows = {image.tobytes() for image in train.images}
+    val_rows = {image.tobytes() for image in val.images}
+    calibration = seen[0]
+    assert len(calibration) == min(20, len(train.images))
+    assert all(image.tobytes() in train_rows for image in calibration)
+    assert not any(image.tobytes() in val_rows for image in calibration)
+    assert len({image.tobytes() for image in calibration}) == len(calibration)  # drawn without replacement

@@ -445,3 +445,101 @@ def test_save_trained_drops_only_the_legacy_hdf5_notice(tmp_path, monkeypatch, c
         absl_logger.warning("another message")
     assert path.exists() and "considered legacy" not in caplog.text
     assert "another message" in caplog.text and absl_logger.filters == filters
+
+
+# Validation outputs per epoch for the selector test: (labels, [probabilities at epoch 1, 2, 3]). Epoch 2 is
+# the best and epoch 3 the worst, so keeping the last epoch, or scoring the other class's column, is caught.
+_SCRIPTED_EPOCHS = {
+    # breast: label 0 = malignant; AUC of P(malignant) 0.5, 1.0, 0.0 (P(benign) would rank the other way)
+    "breast": (np.array([0, 0, 0, 1, 1, 1]),
+               [np.full(6, 0.5), np.array([0.9, 0.8, 0.7, 0.2, 0.3, 0.1]), np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])]),
+    # blood: argmax accuracy 0.5, 1.0, 0.75
+    "blood": (np.arange(8), [np.array([0, 1, 2, 3, 0, 0, 0, 0]), np.arange(8), np.array([0, 1, 2, 3, 4, 5, 0, 0])]),
+}
+
+
+def _scripted_probabilities(task: str, epoch: int) -> np.ndarray:
+    labels, per_epoch = _SCRIPTED_EPOCHS[task]
+    outputs = per_epoch[epoch]
+    if task == "breast":
+        return np.column_stack([outputs, 1.0 - outputs])
+    probs = np.full((len(labels), 8), 0.02)
+    probs[np.arange(len(labels)), outputs] = 0.86
+    return probs
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_validation_selector_keeps_the_best_epochs_weights(task, monkeypatch):
+    """``_fit`` scores each epoch on validation with the task's selection metric (breast: AUC of P(malignant),
+    blood: accuracy) and restores the weights of the best epoch, not the last one."""
+    import keras
+
+    from medclassify.models import build_cnn
+
+    spec = get_task(task)
+    labels = _SCRIPTED_EPOCHS[task][0]
+    val = Split(np.zeros((len(labels), *spec.input_shape), np.uint8), labels)
+    rng = np.random.default_rng(0)
+    train_split = Split(rng.integers(0, 256, (16, *spec.input_shape)).astype(np.uint8),
+                        np.arange(16) % spec.num_classes)
+    weights_seen = []
+
+    def scripted(model, images, batch_size=512):
+        assert images is val.images  # the selector scores the validation split
+        weights_seen.append([w.copy() for w in model.get_weights()])
+        return _scripted_probabilities(task, len(weights_seen) - 1)
+
+    monkeypatch.setattr(training, "predict_probabilities", scripted)
+    keras.utils.set_random_seed(0)
+    model = build_cnn(spec, augment=False, widths=(4,), dropout=0.0)
+    cfg = TrainConfig(task=task, epochs=3, batch_size=8, learning_rate=0.05, widths=(4,), verbose=0, run_eagerly=True)
+    history, best_epoch = training._fit(model, train_split, val, spec, cfg, 3, cfg.learning_rate, None)
+    assert len(weights_seen) == 3
+    name = "val_auc" if spec.selection_metric == "auc" else "val_accuracy_selected"
+    assert history[name] == ([0.5, 1.0, 0.0] if task == "breast" else [0.5, 1.0, 0.75])
+    assert best_epoch == 2
+    # the weights each epoch ended with differ, so "restored" can be told from "kept the last"
+    assert not all(np.array_equal(a, b) for a, b in zip(weights_seen[1], weights_seen[2]))
+    for restored, best in zip(model.get_weights(), weights_seen[1]):
+        np.testing.assert_array_equal(restored, best)
+
+
+def test_temperature_is_fitted_on_the_validation_outputs(fixture_data_dir, monkeypatch):
+    """``fit_temperature`` gets the uncalibrated model's probabilities on the validation split and the
+    validation labels, never the training split's (the card says "fitted on the validation split")."""
+    from medclassify import models
+
+    seen = {}
+
+    def fit_spy(model, train_split, val_split, spec, cfg, epochs, learning_rate, class_weight):
+        seen["train"], seen["val"] = train_split, val_split
+        return {"loss": [1.0]}, 1
+
+    outputs = []
+
+    def predict_spy(model, images, batch_size=512):
+        probs = models.predict_probabilities(model, images, batch_size)
+        outputs.append((images, probs))
+        return probs
+
+    fitted = []
+
+    def temperature_spy(probabilities, labels):
+        fitted.append((probabilities, labels))
+        return 1.5
+
+    monkeypatch.setattr(training, "_fit", fit_spy)
+    monkeypatch.setattr(training, "predict_probabilities", predict_spy)
+    monkeypatch.setattr(training, "fit_temperature", temperature_spy)
+    cfg = TrainConfig(task="breast", epochs=1, limit=30, widths=(4, 8), batch_size=64,
+                      data_dir=str(fixture_data_dir), verbose=0)
+    result = train(cfg)
+    assert result.temperature == 1.5 and len(fitted) == 1
+    probabilities, labels = fitted[0]
+    val, train_split = seen["val"], seen["train"]
+    assert len(val.labels) != len(train_split.labels)  # 8 and 30: the two cannot be confused
+    np.testing.assert_array_equal(labels, val.labels)
+    images = next((images for images, probs in outputs if probs is probabilities), None)  # whose outputs
+    assert images is not None, "fit_temperature got probabilities the model did not give for a whole split"
+    np.testing.assert_array_equal(images, val.images)
+    assert probabilities.shape == (len(val.labels), 2)
