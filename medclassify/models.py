@@ -266,6 +266,14 @@ def build_model(kind: str, task: str | TaskSpec, **kwargs):
     raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
 
 
+def _defaults_to_training(layer) -> bool:
+    """Whether ``layer.call`` runs in training mode when no ``training`` is given (Keras preprocessing layers)."""
+    import inspect
+
+    parameter = inspect.signature(layer.call).parameters.get("training")
+    return parameter is not None and parameter.default is True
+
+
 def _clone_inline(model, inputs, prefix: str = ""):
     """Clone ``model`` onto ``inputs`` with ``prefix`` on every layer name, weights copied.
 
@@ -286,6 +294,10 @@ def _clone_inline(model, inputs, prefix: str = ""):
         if layer.name.startswith(prefix + "aug_"):
             return args[0]
         kwargs.pop("training", None)
+        if _defaults_to_training(layer):
+            # recorded as training=True (VGG16's Resizing), it would put the BatchNorm and Dropout after it in
+            # training mode on a bare call; it computes the same either way
+            kwargs["training"] = False
         return layer(*args, **kwargs)
 
     structure = [inputs] if isinstance(model.input, list) else inputs

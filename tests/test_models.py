@@ -374,9 +374,6 @@ def test_vgg16_weights_that_cannot_be_had_are_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.realdata(needs=("weights",))
-@pytest.mark.xfail(strict=True, reason="models._clone_inline drops the 'training' argument, but the 'upsample' "
-                   "Resizing layer records training=True when called without one; a bare call then runs head_bn "
-                   "on batch statistics and head_dropout (found by this test; remove the mark once fixed)")
 def test_vgg16_inference_model_answers_a_bare_call(vgg_models):
     """A saved VGG16 model called without ``training=False`` (a user's own script) must not augment, drop out
     or normalise with batch statistics: the same answer twice, and the answer of ``training=False``."""
