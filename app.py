@@ -197,7 +197,8 @@ def show_gradcam(prediction, task: str, key: str) -> None:
 
         index, name = aps.explained_class(prediction)
         heatmap = load_explainer(task)(prediction.model_input, index)
-        why = "" if name == prediction.label else " (the class the threshold looks for, whatever the answer)"
+        why = ("" if name == prediction.label else " (the class the threshold looks for, whatever the answer: "
+               "there is a red spot even when P is low, so the colours show where, not how much)")
         st.image(with_colour_key(overlay(prediction.model_input, heatmap, opacity, size=196)), width=196,
                  alt=aps.gradcam_alt(prediction),
                  caption=f"Grad-CAM for '{name}'{why}. The strip underneath is the colour scale: blue influenced "
@@ -249,9 +250,7 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         st.warning(squashed, icon=":material/aspect_ratio:")
     close = aps.close_call(prediction)
     if close:
-        also = (" The same picture at another size or compression can fall on the other side."
-                if spec.decision == "threshold" else "")
-        st.warning(f"{close}{also} Treat this answer as uncertain.", icon=":material/balance:")
+        st.warning(f"{close} Treat this answer as uncertain.", icon=":material/balance:")
     predictor = load_predictor(task)
     mix = aps.calibration_mix_note(predictor.card, prediction)
     if spec.decision == "threshold":
@@ -315,8 +314,8 @@ def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = N
         "threshold": st.column_config.NumberColumn("threshold", format="%.3f"),
         "close_call": st.column_config.CheckboxColumn(
             "close call", help="Not a firm answer: inspect the image (blood: two classes within "
-                               f"{aps.CLOSE_CALL:.0%}; breast: P(malignant) within "
-                               f"{aps.BORDERLINE * 100:.0f} points of the threshold)"),
+                               f"{aps.CLOSE_CALL * 100:.0f} percentage points; breast: P(malignant) within "
+                               f"{aps.BORDERLINE * 100:.0f} percentage points of the threshold)"),
         "ood": st.column_config.CheckboxColumn("unlike training data"),
         "warnings": st.column_config.TextColumn("warnings", width="large"),
         "error": st.column_config.TextColumn("error", width="large"),

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .inference import NO_ANSWER
-from .preprocessing import FORMATS_TEXT, IMAGE_ENDINGS, ImageError
+from .preprocessing import FORMATS_TEXT, IMAGE_ENDINGS, ImageError, is_medmnist_thumbnail
 from .registry import REPO_ROOT, TASKS, TaskSpec, get_task
 
 SAMPLE_DIR = REPO_ROOT / "sample_images"
@@ -58,12 +58,14 @@ CROP_HINT = (
 #: Why the breast chart of both probabilities must not be read by its larger bar.
 BREAST_CHART_NOTE = "The decision compares P(malignant) with the threshold above, not with 50%."
 #: What the 28-px input means for an answer (shown with the card's own limitations).
-SIZE_NOTE = ("Answers come from a 28×28 px reduction of the image. Near the decision boundary, the same picture "
-             "at another size or compression can get another answer; 'What the model saw' shows the input.")
+SIZE_NOTE = ("Answers come from a 28×28 px reduction of the image: the same picture at another size or "
+             "compression can get another answer, most often near the decision boundary but not only there. "
+             "'What the model saw' shows the input.")
 #: Two classes closer than this (calibrated probability) are a close call, not a firm answer.
 CLOSE_CALL = 0.10
 #: A thresholded answer (breast) is borderline when P(malignant) is this close to the threshold: the same shift
-#: of probability that flips a blood close call (half the gap moving from the first class to the second).
+#: of probability that flips a blood close call (half the gap moving from the first class to the second). A
+#: convention for "nearly a coin toss", not a measured stability margin: see SIZE_NOTE.
 BORDERLINE = CLOSE_CALL / 2
 #: What to try when a full-size ultrasound is unlike the training data: MedMNIST's images show only the scan.
 SCREENSHOT_HINT = (
@@ -184,12 +186,10 @@ def breast_verdict(prediction) -> tuple[bool, str]:
     """(positive?, careful sentence with P(malignant) and the threshold) for a breast prediction."""
     spec = get_task(prediction.task)
     positive = prediction.class_index == spec.positive_class
-    p, threshold = float(prediction.p_positive), float(prediction.threshold)
+    p, threshold = score_and_threshold(prediction)
     if positive:
-        return True, (f"{BREAST_POSITIVE} (P(malignant) = {percent(p)}, at or above its threshold of "
-                      f"{percent(threshold)}).")
-    return False, (f"{BREAST_NEGATIVE} (P(malignant) = {percent(p)}, below its threshold of {percent(threshold)}). "
-                   f"{BREAST_NOT_RULED_OUT}")
+        return True, f"{BREAST_POSITIVE} (P(malignant) = {p}, at or above its threshold of {threshold})."
+    return False, f"{BREAST_NEGATIVE} (P(malignant) = {p}, below its threshold of {threshold}). {BREAST_NOT_RULED_OUT}"
 
 
 def breast_test_record(card: dict, precision: str) -> str:
@@ -269,8 +269,7 @@ def close_call(prediction) -> Optional[str]:
     """Why the answer is not firm, or None.
 
     Blood: 'close call between A (p) and B (q)' when the two likeliest classes are within ``CLOSE_CALL``.
-    Breast: 'borderline' when P(malignant) is within ``BORDERLINE`` of the threshold, where the same picture at
-    another size or compression can fall on the other side (``SIZE_NOTE``).
+    Breast: 'borderline' when P(malignant) is within ``BORDERLINE`` of the threshold.
     """
     spec = get_task(prediction.task)
     if spec.decision == "threshold":
@@ -295,53 +294,65 @@ def prediction_markdown(prediction) -> str:
     if spec.decision != "threshold":
         return line
     positive = spec.class_names[spec.positive_class]
-    p, threshold = percent(float(prediction.p_positive)), percent(float(prediction.threshold))
+    p, threshold = score_and_threshold(prediction)
     if prediction.class_index == spec.positive_class:
         return f"{line} (flagged: P({positive}) {p} is at or above the threshold of {threshold})"
     return f"{line} (not flagged: P({positive}) {p} is below the threshold of {threshold})"
 
 
-#: How far from square (longer / shorter side) a full-size upload that MedMNIST did not crop may be before the
-#: app says it was squashed: BUSI's sources were 500x500, so a 4:3 export has bars, a frame or another view.
+#: How far from square (longer / shorter side) a full-size image that MedMNIST only resized may be before the
+#: app says that it was resized whole, frame and all.
 SQUASH_NOTE_RATIO = 1.05
 
 
+def _full_size_resized(prediction) -> bool:
+    """A full-size upload (not a MedMNIST thumbnail) of a task whose source images MedMNIST resized uncropped."""
+    return (not get_task(prediction.task).source_center_crop and bool(prediction.source_size)
+            and not is_medmnist_thumbnail(prediction.source_size))
+
+
 def squash_note(prediction) -> str:
-    """A note when a non-square full-size image was squashed to the square model input, or ''.
+    """A note when a non-square full-size image was resized whole to the square model input, or ''.
 
-    MedMNIST resized square breast sources; a letterboxed or framed export squashed the same way shows the
-    model a narrower lesion in a frame it never saw (validation images given black bars this way got many wrong
-    answers that the out-of-distribution rule let through), so the user should see that this happened."""
-    from .preprocessing import is_medmnist_thumbnail
-
-    if was_centre_cropped(prediction) or not prediction.source_size or is_medmnist_thumbnail(prediction.source_size):
+    MedMNIST describes BUSI's sources as 500x500 (BUSI's images vary in size), and resized them whole. So the
+    shape alone is not a fault, but black bars or a scanner frame around an export are resized with the scan and
+    are not in the training images (validation images given black bars got many wrong answers that the
+    out-of-distribution rule let through): the user should know that nothing was cropped."""
+    if not _full_size_resized(prediction):
         return ""
     width, height = prediction.source_size
     if max(width, height) / min(width, height) < SQUASH_NOTE_RATIO:
         return ""
     size = get_task(prediction.task).image_size
-    return (f"Your {width}×{height} image was squashed to {size}×{size}, as MedMNIST resized its square source "
-            "images. If it has black bars, a border or the scanner's screen around the scan, crop to the scan "
-            "itself and upload again: the answer can change.")
+    return (f"Your {width}×{height} image was resized whole to {size}×{size}, without cropping, as MedMNIST "
+            "resized its source scans. Black bars, a border or the scanner's screen around the scan are not in "
+            "the training images: if yours has them, crop to the scan itself and upload again, since the answer "
+            "can change.")
 
 
 def ood_hints(prediction) -> list[str]:
     """What the user can try when an image is unlike the training data."""
-    from .preprocessing import is_medmnist_thumbnail
-
     hints = []
     if was_centre_cropped(prediction):
         hints.append(CROP_HINT)
-    elif (not get_task(prediction.task).source_center_crop and prediction.source_size
-          and not is_medmnist_thumbnail(prediction.source_size)):  # a full-size image that MedMNIST only resized
+    elif _full_size_resized(prediction):
         hints.append(SCREENSHOT_HINT)
     return hints + [other_classifier_hint(prediction.task)]
 
 
 def other_classifier_hint(task: str) -> str:
     """Where an image of the other modality belongs (a breast scan sent to the blood model, say)."""
-    return " ".join(f"If this is a {spec.image_kind}, choose the '{spec.title}' classifier above."
+    return " ".join(f"If this is a {spec.image_kind}, choose the '{spec.title}' classifier above and upload it there."
                     for name, spec in TASKS.items() if name != task)
+
+
+def score_and_threshold(prediction) -> tuple[str, str]:
+    """P(positive) and the threshold as percentages, with one more decimal where one would make them look equal
+    ("18.3% is below the threshold of 18.3%")."""
+    p, threshold = float(prediction.p_positive), float(prediction.threshold)
+    if percent(p) == percent(threshold) and p != threshold and 0.001 <= min(p, threshold):
+        return f"{p:.2%}", f"{threshold:.2%}"
+    return percent(p), percent(threshold)
 
 
 def explained_class(prediction) -> tuple[int, str]:
@@ -354,19 +365,24 @@ def explained_class(prediction) -> tuple[int, str]:
 
 def calibration_mix_note(card: Optional[dict], prediction) -> str:
     """The class mix the probabilities were calibrated on (the validation split's), or '' when the card lacks it:
-    a calibrated probability is a frequency in that mix, not a patient's risk in another population."""
-    matrix = ((card or {}).get("validation") or {}).get("confusion_matrix")
+    a calibrated probability is a frequency in that mix, not the chance for a lesion or cell in another one."""
+    matrix = np.asarray(((card or {}).get("validation") or {}).get("confusion_matrix") or [], dtype=object)
     spec = get_task(prediction.task)
-    if not matrix or len(matrix) != spec.num_classes:
+    if matrix.shape != (spec.num_classes, spec.num_classes):
         return ""
-    counts = np.asarray(matrix).sum(axis=1)
-    index = spec.positive_class if spec.decision == "threshold" else prediction.class_index
-    share = f"{counts[index] / counts.sum():.0%}"
-    name = spec.class_names[index]
+    try:
+        counts = matrix.astype(int).sum(axis=1)
+    except (TypeError, ValueError):
+        return ""
+    total = int(counts.sum())
+    if total <= 0:
+        return ""
+    index, name = explained_class(prediction)
+    share = f"{counts[index] / total:.0%}"
     if spec.decision == "threshold":
-        return (f"The probabilities are calibrated on the validation split, in which {share} of images "
-                f"({counts[index]} of {counts.sum()}) are {name}: where {name} images are rarer, the same score "
-                "means a lower risk.")
+        return (f"P({name}) is calibrated on {total} validation images, {share} ({counts[index]}) of them {name}. "
+                f"Where {name} cases are less common than that, the same score means a lower chance that an image "
+                f"is {name}; where more common, a higher one (if the images look alike).")
     return (f"The probabilities are calibrated on the validation split's cell mix ({name}: {share} of its cells), "
             "not on a patient's differential count.")
 
@@ -542,7 +558,7 @@ METRIC_NAMES = {
     "precision_macro": "Precision (macro)",
     "recall_macro": "Recall (macro)",
     "f1_weighted": "F1 (weighted)",
-    "accuracy_at_0_5": "Accuracy at P>0.5 (MedMNIST)",  # short: the pinned column cuts long names
+    "accuracy_at_0_5": "Accuracy at P>0.5 (MedMNIST's cut-off)",  # short: the pinned column cuts long names
     "ece": "Expected calibration error",
 }
 

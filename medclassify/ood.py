@@ -88,13 +88,12 @@ class OODDetector:
         reasons = []
         colour = prepared.colourfulness
         if self.spec.channels == 1 and colour > self.grayscale_max_colourfulness:
-            reasons.append(f"colour image: the {self.spec.title.lower()} classifier expects a grayscale "
-                           f"{self.spec.image_kind}")
+            reasons.append(f"colour image: the {self.spec.name} model expects a grayscale {self.spec.image_kind}")
         if self.spec.channels == 3:
             minimum = self.grayscale_max_colourfulness if self.min_colourfulness is None else self.min_colourfulness
             if colour < minimum:
-                reasons.append(f"grayscale or washed-out image: the {self.spec.title.lower()} classifier expects "
-                               f"a colour {self.spec.image_kind}")
+                reasons.append(f"grayscale or washed-out image: the {self.spec.name} model expects a colour "
+                               f"{self.spec.image_kind}")
         pixels = np.asarray(prepared.array, dtype=np.float32).reshape(-1, prepared.array.shape[-1])
         if float(pixels.std(axis=0).max()) < self.blank_max_std:  # per channel: a flat colour is blank too
             reasons.append("blank image: there is almost no contrast to classify")
@@ -106,7 +105,8 @@ class OODDetector:
             score = float(self.distances(features)[0])
             if score > self.threshold:
                 # the ratio says "just outside" or "far outside"; the bare scores mean nothing to a reader
-                times = f"{score / self.threshold:.1f} times" if self.threshold > 0 else "over"
+                ratio = score / self.threshold if self.threshold > 0 else float("inf")
+                times = "just over" if ratio < 1.1 else f"{ratio:.1f} times"
                 reasons.append(f"unlike the training images (distance score {score:.0f}, {times} the model's "
                                f"limit of {self.threshold:.0f}): the prediction is not reliable")
         return Verdict(bool(reasons), reasons, score)

@@ -158,7 +158,7 @@ def test_upload_one_image(task):
         assert "threshold" in verdicts and "P(malignant)" in verdicts
         assert aps.BREAST_NOTE in captions and aps.BREAST_CHART_NOTE in captions
         assert "On the official test split the model as served here flagged" in captions  # from the card
-        assert "in which 27% of images (21 of 78) are malignant" in captions  # the validation mix, from the card
+        assert "calibrated on 78 validation images, 27% (21) of them malignant" in captions  # from the card
         line = [m.value for m in at.markdown if m.value.startswith(PREFIX)][0]
         assert "flagged: P(malignant)" in line and "the threshold of" in line  # the rule, in the headline
     else:

@@ -315,7 +315,7 @@ def test_close_call_names_the_two_classes():
     prediction.probabilities = probs
     assert aps.close_call(prediction) == "Close call between monocyte (50.9%) and neutrophil (48.5%)."
     assert aps.close_call(fake_prediction("blood", 5, p=0.9)) is None
-    assert aps.close_call(fake_prediction("breast", 0, p=0.52)) is None  # two classes: the threshold decides
+    assert aps.close_call(fake_prediction("breast", 0, p=0.52)) is None  # 22 points from the threshold of 0.3
 
 
 @pytest.mark.parametrize("p, borderline", [(0.30, True), (0.26, True), (0.34, True), (0.24, False), (0.36, False),
@@ -361,6 +361,18 @@ def test_prediction_markdown_has_stable_prefix():
         "**Prediction:** normal/benign (not flagged: P(malignant) 10.0% is below the threshold of 30.0%)")
 
 
+def test_score_and_threshold_never_look_equal_when_they_are_not():
+    below = fake_prediction("breast", 1, p=1 - 0.1826)
+    below.threshold = 0.18265
+    assert aps.score_and_threshold(below) == ("18.26%", "18.27%")
+    assert "18.26% is below the threshold of 18.27%" in aps.prediction_markdown(below)
+    assert "P(malignant) = 18.26%, below its threshold of 18.27%" in aps.breast_verdict(below)[1]
+    below.p_positive = 0.1
+    assert aps.score_and_threshold(below) == ("10.0%", "18.3%")
+    below.p_positive = 0.18265  # equal: one decimal says so
+    assert aps.score_and_threshold(below) == ("18.3%", "18.3%")
+
+
 def test_grad_cam_shows_malignancy_evidence_for_breast_and_the_answer_for_blood():
     assert aps.explained_class(fake_prediction("blood", 4)) == (4, "lymphocyte")
     for index in (0, 1):
@@ -371,12 +383,15 @@ def test_grad_cam_shows_malignancy_evidence_for_breast_and_the_answer_for_blood(
 def test_calibration_mix_comes_from_the_cards_validation_counts():
     card = {"validation": {"confusion_matrix": [[20, 1], [2, 55]]}}
     assert aps.calibration_mix_note(card, fake_prediction("breast", 1)) == (
-        "The probabilities are calibrated on the validation split, in which 27% of images (21 of 78) are "
-        "malignant: where malignant images are rarer, the same score means a lower risk.")
+        "P(malignant) is calibrated on 78 validation images, 27% (21) of them malignant. Where malignant cases are "
+        "less common than that, the same score means a lower chance that an image is malignant; where more "
+        "common, a higher one (if the images look alike).")
     blood = {"validation": {"confusion_matrix": (np.eye(8, dtype=int) * [10, 10, 10, 10, 10, 10, 30, 10]).tolist()}}
     assert "(neutrophil: 30% of its cells)" in aps.calibration_mix_note(blood, fake_prediction("blood", 6))
     assert aps.calibration_mix_note({}, fake_prediction("blood", 6)) == ""
     assert aps.calibration_mix_note({"validation": {"confusion_matrix": [[1]]}}, fake_prediction("blood")) == ""
+    for broken in ([[1, 2], [3]], [[0, 0], [0, 0]], [["a", "b"], ["c", "d"]]):  # ragged, empty, not counts
+        assert aps.calibration_mix_note({"validation": {"confusion_matrix": broken}}, fake_prediction("breast")) == ""
 
 
 def test_ood_hints_fit_the_upload():
@@ -398,7 +413,7 @@ def test_squash_note_only_for_non_square_full_size_uploads():
         scan.source_size = square
         assert aps.squash_note(scan) == ""
     scan.source_size = (600, 450)
-    assert aps.squash_note(scan).startswith("Your 600×450 image was squashed to 28×28")
+    assert aps.squash_note(scan).startswith("Your 600×450 image was resized whole to 28×28, without cropping")
     scan.source_size = (450, 600)
     assert "crop to the scan" in aps.squash_note(scan)
     cell = fake_prediction("blood")
@@ -408,7 +423,7 @@ def test_squash_note_only_for_non_square_full_size_uploads():
 
 def test_other_classifier_hint_names_the_other_task():
     assert aps.other_classifier_hint("blood") == ("If this is a breast ultrasound image, choose the "
-                                                  "'Breast ultrasound' classifier above.")
+                                                  "'Breast ultrasound' classifier above and upload it there.")
     assert "'Blood cell type' classifier" in aps.other_classifier_hint("breast")
 
 

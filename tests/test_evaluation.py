@@ -333,5 +333,11 @@ def test_bootstrap_intervals_are_95_percent_wide():
         assert 0.6 < p < 0.9, (key, p)
         expected = 2 * 1.96 * np.sqrt(p * (1 - p) / count)
         low, high = m["ci95"][key]
-        assert 0.75 * expected < high - low < 1.25 * expected, (key, high - low, expected)  # 250 resamples: +-10%
+        assert 0.75 * expected < high - low < 1.25 * expected, (key, high - low, expected)  # a 50% one is 0.34
         assert low < p < high
+    # and exactly the 2.5th and 97.5th percentiles (a 90% interval would pass the width bounds): the accuracy
+    # of the same resamples, drawn here with the same seed
+    rng = np.random.default_rng(0)
+    correct = (np.where(p_malignant >= 0.5, 0, 1) == labels).astype(float)
+    accuracies = [correct[rng.integers(0, n, n)].mean() for _ in range(250)]
+    assert m["ci95"]["accuracy"] == pytest.approx(np.percentile(accuracies, [2.5, 97.5]).tolist())

@@ -59,8 +59,8 @@ def test_modality_rules_without_statistics():
     assert verdict.flagged and "grayscale" in verdict.reasons[0] and verdict.score is None
     assert not breast.check(_prepared(grayscale(), "breast"), None, dummy).flagged
     verdict = breast.check(_prepared(colourful(), "breast"), None, dummy)
-    assert verdict.flagged and verdict.reasons[0] == ("colour image: the breast ultrasound classifier expects a "
-                                                      "grayscale breast ultrasound image")  # named from the spec
+    assert verdict.flagged and verdict.reasons[0] == ("colour image: the breast model expects a grayscale breast "
+                                                      "ultrasound image")  # named from the spec
 
 
 def test_blood_min_colourfulness_from_the_card():
@@ -101,6 +101,8 @@ def test_feature_distance_rule():
     far = detector.check(image, None, np.array([[3.0, 0.0, 0.0]]))
     assert far.flagged and far.score == pytest.approx(9.0)
     assert "distance score 9, 2.2 times the model's limit of 4" in far.reasons[0]  # how far out, not only that
+    barely = detector.check(image, None, np.array([[2.05, 0.0, 0.0]]))  # 4.2: "1.1 times" would read as 1.0
+    assert "distance score 4, just over the model's limit of 4" in barely.reasons[0]
 
 
 def test_statistics_fitted_on_other_features_are_reported(tiny_models, tmp_path, capsys):
