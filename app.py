@@ -18,6 +18,7 @@ st.set_page_config(page_title="medclassify: MedMNIST image classifier", page_ico
 
 from medclassify import appsupport as aps  # noqa: E402
 from medclassify.cards import INTENDED_USE, LIMITATIONS  # noqa: E402
+from medclassify.inference import BORDERLINE, CLOSE_CALL  # noqa: E402
 from medclassify.registry import TASKS, get_task  # noqa: E402
 
 log = logging.getLogger("medclassify.app")
@@ -314,8 +315,8 @@ def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = N
         "threshold": st.column_config.NumberColumn("threshold", format="%.3f"),
         "close_call": st.column_config.CheckboxColumn(
             "close call", help="Not a firm answer: inspect the image (blood: two classes within "
-                               f"{aps.CLOSE_CALL * 100:.0f} percentage points; breast: P(malignant) within "
-                               f"{aps.BORDERLINE * 100:.0f} percentage points of the threshold)"),
+                               f"{CLOSE_CALL * 100:.0f} percentage points; breast: P(malignant) within "
+                               f"{BORDERLINE * 100:.0f} percentage points of the threshold)"),
         "ood": st.column_config.CheckboxColumn("unlike training data"),
         "warnings": st.column_config.TextColumn("warnings", width="large"),
         "error": st.column_config.TextColumn("error", width="large"),

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .inference import NO_ANSWER
+from .inference import BORDERLINE, NO_ANSWER
 from .preprocessing import FORMATS_TEXT, IMAGE_ENDINGS, ImageError, is_medmnist_thumbnail
 from .registry import REPO_ROOT, TASKS, TaskSpec, get_task
 
@@ -61,12 +61,6 @@ BREAST_CHART_NOTE = "The decision compares P(malignant) with the threshold above
 SIZE_NOTE = ("Answers come from a 28×28 px reduction of the image: the same picture at another size or "
              "compression can get another answer, most often near the decision boundary but not only there. "
              "'What the model saw' shows the input.")
-#: Two classes closer than this (calibrated probability) are a close call, not a firm answer.
-CLOSE_CALL = 0.10
-#: A thresholded answer (breast) is borderline when P(malignant) is this close to the threshold: the same shift
-#: of probability that flips a blood close call (half the gap moving from the first class to the second). A
-#: convention for "nearly a coin toss", not a measured stability margin: see SIZE_NOTE.
-BORDERLINE = CLOSE_CALL / 2
 #: What to try when a full-size ultrasound is unlike the training data: MedMNIST's images show only the scan.
 SCREENSHOT_HINT = (
     "A screenshot or export that shows the scanner's text, rulers or borders around the scan looks unlike the "
@@ -266,23 +260,19 @@ def was_centre_cropped(prediction) -> bool:
 
 
 def close_call(prediction) -> Optional[str]:
-    """Why the answer is not firm, or None.
+    """Why the answer is nearly a coin toss (``Prediction.close_call``), or None.
 
-    Blood: 'close call between A (p) and B (q)' when the two likeliest classes are within ``CLOSE_CALL``.
-    Breast: 'borderline' when P(malignant) is within ``BORDERLINE`` of the threshold.
+    Blood: 'close call between A (p) and B (q)'; breast: 'borderline', P(malignant) near the threshold.
     """
+    if not prediction.close_call:
+        return None
     spec = get_task(prediction.task)
     if spec.decision == "threshold":
-        p, threshold = float(prediction.p_positive), float(prediction.threshold)
-        if abs(p - threshold) >= BORDERLINE:
-            return None
         positive = spec.class_names[spec.positive_class]
-        return (f"Borderline: P({positive}) = {percent(p)} is within {BORDERLINE * 100:.0f} percentage points of "
-                f"the threshold ({percent(threshold)}).")
-    ranked = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
-    if ranked[0][1] - ranked[1][1] >= CLOSE_CALL:
-        return None
-    (first, p), (second, q) = ranked[:2]
+        p, threshold = score_and_threshold(prediction)
+        return (f"Borderline: P({positive}) = {p} is within {BORDERLINE * 100:.0f} percentage points of the "
+                f"threshold ({threshold}).")
+    (first, p), (second, q) = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)[:2]
     return f"Close call between {first} ({percent(p)}) and {second} ({percent(q)})."
 
 
@@ -424,7 +414,7 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: O
         else:
             row["label"] = prediction.label
             row["ood"] = False
-            row["close_call"] = close_call(prediction) is not None
+            row["close_call"] = prediction.close_call
             if row["true_class"]:
                 row["agrees"] = prediction.label == row["true_class"]
             if threshold_task:

@@ -448,8 +448,8 @@ def _predict(args) -> int:
     ``args``: ``task``, ``model`` (or None), ``json``, ``batch_size``,
     ``no_progress``, ``paths``.  With ``--json`` each line is one JSON object,
     ``{"file", "task", "label", "class_index", "probabilities", "ood",
-    "warnings"}`` (breast also ``p_malignant``, ``threshold``) or ``{"file",
-    "error"}``.  A progress bar goes to stderr.  Returns 0 when every file was
+    "close_call", "warnings"}`` (breast also ``p_malignant``, ``threshold``) or
+    ``{"file", "error"}``.  A progress bar goes to stderr.  Returns 0 when every file was
     classified, 1 when any failed (or none was found), 2 on usage errors.
     """
     from .inference import NO_ANSWER, Predictor
@@ -492,12 +492,15 @@ def _predict(args) -> int:
                 line = json.dumps(result.to_json(file=source))
             elif result.ood:  # as in the app: an image unlike the training data gets no answer, only the reason
                 line = f"{_one_field(source)}\t{NO_ANSWER}\t-\tWARNING: " + "; ".join(result.warnings)
-            elif result.p_positive is not None:  # thresholded: the label's own probability can be under 50%
-                positive = spec.class_names[spec.positive_class]
-                line = (f"{_one_field(source)}\t{result.label}\tP({positive})={result.p_positive:.3f}"
-                        f"\tthreshold={result.threshold:.3f}")
             else:
-                line = f"{_one_field(source)}\t{result.label}\t{result.probabilities[result.label]:.3f}"
+                if result.p_positive is not None:  # thresholded: the label's own probability can be under 50%
+                    positive = spec.class_names[spec.positive_class]
+                    line = (f"{_one_field(source)}\t{result.label}\tP({positive})={result.p_positive:.3f}"
+                            f"\tthreshold={result.threshold:.3f}")
+                else:
+                    line = f"{_one_field(source)}\t{result.label}\t{result.probabilities[result.label]:.3f}"
+                if result.close_call:
+                    line += "\tclose call"  # nearly a coin toss, as the app marks it
             out.write(line + "\n")
             if seen % batch_size == 0:
                 out.flush()

@@ -94,6 +94,15 @@ def describe_source(source) -> str:
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
+#: Two classes whose calibrated probabilities are closer than this are a close call, not a firm answer.
+CLOSE_CALL = 0.10
+#: A thresholded answer (breast) is a close call when P(malignant) is this close to the threshold: the shift of
+#: probability that flips a blood close call (half the gap moving from the first class to the second). A
+#: convention for "nearly a coin toss", not a measured stability margin (answers can change with image size
+#: away from the threshold too).
+BORDERLINE = CLOSE_CALL / 2
+
+
 @dataclass
 class Prediction:
     task: str
@@ -108,13 +117,22 @@ class Prediction:
     ood_score: Optional[float] = None
     source_size: Optional[tuple[int, int]] = None  # (width, height) of the image as uploaded
 
+    @property
+    def close_call(self) -> bool:
+        """Whether the answer is nearly a coin toss: P(positive) within ``BORDERLINE`` of the threshold where a
+        threshold decides, else the two likeliest classes within ``CLOSE_CALL``."""
+        if get_task(self.task).decision == "threshold":
+            return abs(float(self.p_positive) - float(self.threshold)) < BORDERLINE
+        top = sorted(self.probabilities.values(), reverse=True)
+        return len(top) > 1 and top[0] - top[1] < CLOSE_CALL
+
     def to_json(self, file: Optional[str] = None) -> dict:
         out = {}
         if file is not None:
             out["file"] = file
         out.update(task=self.task, label=self.label, class_index=self.class_index,
                    probabilities={k: round(v, 6) for k, v in self.probabilities.items()},
-                   ood=self.ood, warnings=list(self.warnings))
+                   ood=self.ood, close_call=self.close_call, warnings=list(self.warnings))
         if self.p_positive is not None:
             out["p_malignant"] = round(self.p_positive, 6)
             out["threshold"] = self.threshold

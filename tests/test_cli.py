@@ -695,7 +695,7 @@ def test_predict_text_keeps_one_line_per_file_whatever_the_name(capsys, tiny_mod
     assert code == 1
     rows = [line.split("\t") for line in stdout.splitlines()]
     assert len(rows) == 2, stdout
-    assert rows[0][0] == f"{tmp_path}/two\\nlines\\tand a tab\\x1b.png" and len(rows[0]) == 3
+    assert rows[0][0] == f"{tmp_path}/two\\nlines\\tand a tab\\x1b.png" and rows[0][3:] in ([], ["close call"])
     assert rows[1][0] == f"{tmp_path}/gone\\n.png" and rows[1][1].startswith("error: ") and len(rows[1]) == 2
     code, stdout, _ = run_main(capsys, "predict", "--task", "blood", "--model", model, "--no-progress", "--json",
                                odd)

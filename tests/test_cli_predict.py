@@ -19,11 +19,12 @@ import pytest
 from conftest import png_bytes, task_images
 from medclassify import cli
 from medclassify.cli import expand_paths
+from medclassify.inference import BORDERLINE
 from medclassify.registry import TASKS, get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASK_NAMES = sorted(TASKS)
-JSON_KEYS = {"file", "task", "label", "class_index", "probabilities", "ood", "warnings"}
+JSON_KEYS = {"file", "task", "label", "class_index", "probabilities", "ood", "close_call", "warnings"}
 
 
 # --------------------------------------------------------------------------- expand_paths
@@ -134,14 +135,35 @@ def test_cli_predict_text_output(tiny_models, fixture_images, capsys):
         if label == "no reliable answer":  # the tiny model finds some fixture images unlike its training data
             assert confidence == "-" and warning[0].startswith("WARNING: ")
         else:  # thresholded: P(malignant) and the threshold, not the label's own probability
-            assert label in get_task("breast").class_names and len(warning) == 1
+            assert label in get_task("breast").class_names and warning[1:] in ([], ["close call"])
             p_malignant = float(confidence.removeprefix("P(malignant)="))
             threshold = float(warning[0].removeprefix("threshold="))
             assert 0 <= p_malignant <= 1
             answered += 1
             if abs(p_malignant - threshold) > 0.001:  # printed to 3 decimals
                 assert (label == "malignant") == (p_malignant > threshold)
+            if abs(abs(p_malignant - threshold) - BORDERLINE) > 0.001:
+                assert (warning[1:] == ["close call"]) == (abs(p_malignant - threshold) < BORDERLINE)
     assert answered >= 1, "every line was withheld: the threshold checks above never ran"
+
+
+@pytest.mark.parametrize("task", ["blood", "breast"])
+def test_cli_predict_marks_close_calls(task, tiny_models, fixture_images, capsys, monkeypatch):
+    """Every answer is a close call when the margins span all probabilities, and none when they are 0: the
+    text line ends in 'close call' and the JSON says so, as the app marks it."""
+    from medclassify import inference
+
+    paths = [str(p) for p in task_images(fixture_images, task)]
+    argv = ["predict", "--task", task, "--model", str(tiny_models[task].path), "--no-progress", *paths]
+    for margin, expected in ((1.01, True), (0.0, False)):
+        monkeypatch.setattr(inference, "CLOSE_CALL", 2 * margin)
+        monkeypatch.setattr(inference, "BORDERLINE", margin)
+        _, lines, _ = run_cli(argv, capsys)
+        answered = [line for line in lines if "\tno reliable answer\t" not in line]
+        assert answered and all(line.endswith("\tclose call") == expected for line in answered)
+        _, lines, _ = run_cli(argv + ["--json"], capsys)
+        records = [json.loads(line) for line in lines]
+        assert all(record["close_call"] == expected for record in records if not record["ood"])
 
 
 def test_cli_predict_breast_json_has_threshold(tiny_models, fixture_images, capsys):

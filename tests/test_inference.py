@@ -23,7 +23,7 @@ from medclassify.registry import TASKS, get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASK_NAMES = sorted(TASKS)
-JSON_KEYS = {"file", "task", "label", "class_index", "probabilities", "ood", "warnings"}
+JSON_KEYS = {"file", "task", "label", "class_index", "probabilities", "ood", "close_call", "warnings"}
 
 
 def random_batch(task: str, n: int = 6, seed: int = 0) -> np.ndarray:
@@ -435,3 +435,24 @@ def test_fast_ood_distances_match_the_detector(predictors, task):
     reference = np.array([min(float((f - m) @ precision @ (f - m)) for m in means) for f in f64])
     np.testing.assert_allclose(predictor.ood.distances(feats), reference, rtol=1e-9)
     np.testing.assert_allclose(predictor.ood.distances(feats[0]), reference[:1], rtol=1e-9)
+
+
+def test_close_call_is_nearly_a_coin_toss():
+    from medclassify.inference import BORDERLINE, CLOSE_CALL, Prediction
+
+    def blood(first: float, second: float) -> Prediction:
+        probs = dict.fromkeys(get_task("blood").class_names, 0.0)
+        probs.update(monocyte=first, neutrophil=second)
+        return Prediction("blood", "monocyte", 5, probs, np.zeros((28, 28, 3), np.uint8))
+
+    def breast(p: float, threshold: float = 0.2) -> Prediction:
+        return Prediction("breast", "malignant" if p >= threshold else "normal/benign", int(p < threshold),
+                          {"malignant": p, "normal/benign": 1 - p}, np.zeros((28, 28, 1), np.uint8),
+                          p_positive=p, threshold=threshold)
+
+    assert blood(0.5, 0.45).close_call and not blood(0.6, 0.6 - CLOSE_CALL - 0.01).close_call
+    # breast: the distance to the threshold decides, on both sides of it, not the gap between the two classes
+    assert breast(0.2 + BORDERLINE - 0.01).close_call and breast(0.2 - BORDERLINE + 0.01).close_call
+    assert not breast(0.2 + BORDERLINE + 0.01).close_call and not breast(0.1).close_call
+    assert not breast(0.5, threshold=0.2).close_call  # two classes tied at 0.5, far from the threshold
+    assert breast(0.21).to_json()["close_call"] is True and blood(0.9, 0.05).to_json()["close_call"] is False
