@@ -391,7 +391,7 @@ def results_table(results: Iterable[ImageResult], spec: TaskSpec | str, truth: O
 
     A thresholded task (breast) has no confidence column: its label comes from comparing P(malignant) with the
     threshold, so the probability of the label can be well under 50% ("malignant" at P = 0.30 > 0.18) and
-    would read as a contradiction.  ``close_call`` marks an answer that is not firm (``close_call()``), so a
+    would read as a contradiction.  ``close_call`` marks an answer that is not firm (``Prediction.close_call``), so a
     table row is not read as more certain than the single-image view.  ``truth`` (file name -> true class, for
     the sample gallery) adds the true class and whether the label agrees with it (empty when there is no label).
     """
