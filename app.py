@@ -254,14 +254,15 @@ def show_result(result: "aps.ImageResult", spec, task: str, data: bytes | None, 
         st.warning(f"{close} Treat this answer as uncertain.", icon=":material/balance:")
     predictor = load_predictor(task)
     mix = aps.calibration_mix_note(predictor.card, prediction)
+    resized = aps.resize_note(predictor.card, prediction, predictor.precision)
     if spec.decision == "threshold":
         st.altair_chart(threshold_chart(prediction, spec), width="stretch")
         record = aps.breast_test_record(predictor.card, predictor.precision)
-        st.caption(" ".join(part for part in (aps.BREAST_NOTE, record, mix) if part))
+        st.caption(" ".join(part for part in (aps.BREAST_NOTE, record, mix, resized) if part))
     else:
         st.caption(f"Calibrated probability of '{prediction.label}': {aps.percent(aps.confidence(prediction))}. "
                    f"A model's suggestion for research and education, not a diagnosis. {aps.BLOOD_SCOPE_NOTE}"
-                   + (f" {mix}" if mix else ""))
+                   + "".join(f" {part}" for part in (mix, resized) if part))
     col_input, col_cam, col_probs = st.columns([1, 1, 1.4])
     with col_input:
         show_model_view(prediction, data)
@@ -416,7 +417,8 @@ def about_tab(task: str, predictor) -> None:
                 + (f"; threshold: {ood['threshold_rule']}." if ood.get("threshold_rule") else "."))
 
     st.markdown("#### Limitations")
-    limitations = list(card.get("limitations") or LIMITATIONS.get(spec.name, [])) + [aps.SIZE_NOTE]
+    limitations = list(card.get("limitations") or LIMITATIONS.get(spec.name, []))
+    limitations.append(aps.size_note(card, predictor.precision))
     st.markdown("\n".join(f"- {item}" for item in limitations))
 
     st.markdown("#### Data and licences")

@@ -61,6 +61,63 @@ BREAST_CHART_NOTE = "The decision compares P(malignant) with the threshold above
 SIZE_NOTE = ("Answers come from a 28×28 px reduction of the image: the same picture at another size or "
              "compression can get another answer, most often near the decision boundary but not only there. "
              "'What the model saw' shows the input.")
+
+
+def _worst_round_trip(card: Optional[dict], precision: Optional[str]) -> Optional[tuple[int, int, float, float, dict]]:
+    """(answers changed, images, accuracy before, after, its numbers) of the round trip that changed most test
+    answers, from
+    the card's ``stability`` section (``python -m medclassify stability --split test --write-card``); None
+    without one, or when it was measured on another precision than the one serving."""
+    from .robustness import worst_round_trip
+
+    section = (card or {}).get("stability") or {}
+    if precision is not None and section.get("precision") not in (None, precision):
+        return None
+    try:
+        test = section["test"]
+        _, worst = worst_round_trip(test)
+        return int(worst["changed"]), int(test["n"]), float(test["accuracy"]), float(worst["accuracy"]), worst
+    except (KeyError, TypeError, ValueError, AttributeError):  # no measurement, or a card from before it
+        return None
+
+
+#: What the round-trip numbers are and are not (the enlargement blurs; a genuine full-size image is sharp).
+ROUND_TRIP_CAVEAT = ("That round trip blurs more than reducing a genuine full-size image does, so it shows how "
+                     "sensitive the model is to resizing, not its accuracy on full-size images, which is unmeasured.")
+
+
+def size_note(card: Optional[dict], precision: Optional[str] = None) -> str:
+    """``SIZE_NOTE``, with how many test answers a resize round trip changed where the card measured it."""
+    worst = _worst_round_trip(card, precision)
+    if worst is None:
+        return SIZE_NOTE
+    changed, n, before, after, _ = worst
+    return (SIZE_NOTE + f" In a check on the official test split, where each image was enlarged, saved and "
+            f"reduced again, {changed} of {n} answers changed (accuracy {before:.1%} before, {after:.1%} after). "
+            + ROUND_TRIP_CAVEAT)
+
+
+def resize_note(card: Optional[dict], prediction, precision: Optional[str] = None) -> str:
+    """For an image the app reduced to the model's size: how much resizing moved this model's test answers."""
+    from .preprocessing import centre_crop_side
+
+    spec = get_task(prediction.task)
+    size, side = getattr(prediction, "source_size", None), spec.image_size
+    worst = _worst_round_trip(card, precision)
+    if not size or max(size) <= side or worst is None:
+        return ""
+    changed, n, _, _, trip = worst
+    direction = ""
+    if spec.positive_class is not None and "flag_lost" in trip:
+        flagged = spec.class_names[spec.positive_class]
+        direction = f": {int(trip['flag_gained'])} to '{flagged}', {int(trip['flag_lost'])} away from it"
+    crop = centre_crop_side(tuple(size), spec)
+    how = (f"cropped to its centre {crop}×{crop} px, as MedMNIST cropped its source images, and reduced to "
+           f"{side}×{side} px" if crop else f"reduced from {size[0]}×{size[1]} to {side}×{side} px")
+    return (f"This image was {how}. In a check on the official test split, where each image was enlarged, saved "
+            f"and reduced again, {changed} of {n} answers ({changed / n:.0%}) changed{direction}. " + ROUND_TRIP_CAVEAT)
+
+
 #: What to try when a full-size ultrasound is unlike the training data: MedMNIST's images show only the scan.
 SCREENSHOT_HINT = (
     "A screenshot or export that shows the scanner's text, rulers or borders around the scan looks unlike the "

@@ -19,6 +19,7 @@ from .inference import DEFAULT_BATCH_SIZE
 from .models import AUGMENTATION_POLICIES, MODEL_KINDS
 from .preprocessing import IMAGE_ENDINGS
 from .registry import TASKS, get_task
+from .robustness import DEFAULT_SIDES
 
 #: What a folder walk picks up (a file named on the command line is read whatever its name).
 IMAGE_SUFFIXES = {f".{ending}" for ending in IMAGE_ENDINGS}
@@ -148,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="model file (default: the shipped model)")
     c.add_argument("--write-card", action="store_true", help="store the rates in the model card")
 
+    r = sub.add_parser("stability", help="how many answers change when a split's images are enlarged, saved "
+                                         "as PNG/JPEG and reduced again by the app")
+    task_arg(r)
+    data_arg(r)
+    r.add_argument("--model", help="model file (default: the shipped model)")
+    r.add_argument("--split", choices=("val", "test"), default="val",
+                   help="official split: compare candidate models on val; test reports a final model")
+    r.add_argument("--sides", type=int, nargs="+", default=list(DEFAULT_SIDES),
+                   help="square sides in pixels the split's images are enlarged to (PNG each; JPEG at the largest)")
+    r.add_argument("--write-card", action="store_true", help="store the result in the model card (per split)")
+
     q = sub.add_parser("quantize", help="write the int8 serving copy of a model (<model>.int8.tflite), compare it "
                                         "with the float model on val and test, refit the OOD statistics")
     task_arg(q)
@@ -180,7 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
                "fit-ood": _fit_ood, "experiment": _experiment, "report": _report,
-               "ship": _ship, "ood-check": _ood_check, "quantize": _quantize}[args.command]
+               "ship": _ship, "ood-check": _ood_check, "quantize": _quantize,
+               "stability": _stability}[args.command]
     problem = _missing_model_file(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -611,6 +624,30 @@ def _ship(args) -> int:
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _stability(args) -> int:
+    from .cards import read_card, set_section
+    from .data import DataError
+    from .registry import get_task
+    from .robustness import stability_report
+
+    try:
+        report = stability_report(args.task, args.model, args.split, args.sides, args.data_dir)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.write_card:
+        model_path = args.model or get_task(args.task).model_path
+        section = read_card(model_path).get("stability") or {}
+        other = next((section[split] for split in ("val", "test") if split != args.split and section.get(split)), None)
+        if section.get("precision") not in (None, report["precision"]) or (
+                other and list(other["round_trips"]) != list(report["round_trips"])):
+            section = {}  # the other split was measured on another precision or other sides: not one description
+        section.update({"precision": report["precision"], args.split: {**report, "command": _command_line(args)}})
+        set_section(model_path, "stability", section)
+    print(json.dumps(report))
     return 0
 
 

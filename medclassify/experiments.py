@@ -70,6 +70,13 @@ _VARIANTS: dict[str, dict[str, TrainConfig]] = {
                                label_smoothing=0.0),
         "cnn_ema_ens5": TrainConfig(task="breast", augment=False, ema=0.99, epochs=40, batch_size=32,
                                     learning_rate=1e-3, label_smoothing=0.0, ensemble=5),
+        # The shipped recipe trained on softened copies too (a resize round trip, see models.augmentation_layers):
+        # on validation the shipped ensemble changed 8 of 78 answers when an image was enlarged to 500 px and
+        # reduced again by the app (`stability --sides 500`).  Best validation AUC, but under RELEASE_FLOORS.
+        "cnn_resample": TrainConfig(task="breast", augment=True, augmentation="resample", epochs=40, batch_size=32,
+                                    learning_rate=1e-3, label_smoothing=0.0),
+        "cnn_resample_ens5": TrainConfig(task="breast", augment=True, augmentation="resample", epochs=40,
+                                         batch_size=32, learning_rate=1e-3, label_smoothing=0.0, ensemble=5),
         "vgg16": TrainConfig(task="breast", model="vgg16", augment=True, class_weight=True, epochs=20,
                              finetune_epochs=20, batch_size=32, learning_rate=1e-3, finetune_learning_rate=5e-5),
     },
@@ -220,6 +227,47 @@ def _fmt(metrics: dict, key: str) -> str:
     return f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.4f}"
 
 
+#: What a shipped model must reach on the official test split (``tests/test_shipped_models.py`` holds the shipped
+#: models to it): blood, the model issue's (#3) bars, which it reached; breast, the foundation issue's (#2) AUC bar,
+#: the reference project's 0.913 (the model issue's 0.93 is not reached).  A floor can only veto a variant: the
+#: shipped one is the best validation score among the variants that clear it, and test scores never rank them.
+RELEASE_FLOORS: Mapping[str, Mapping[str, float]] = MappingProxyType({
+    "blood": MappingProxyType({"accuracy": 0.975, "auc": 0.998}),
+    "breast": MappingProxyType({"auc": 0.913}),
+})
+
+
+def floor_shortfalls(task: str, test: Optional[dict]) -> dict[str, tuple[Optional[float], float]]:
+    """The release floors a variant's test metrics do not reach: metric -> (value or None, floor)."""
+    test = test or {}
+    return {key: (test.get(key), floor) for key, floor in RELEASE_FLOORS.get(task, {}).items()
+            if test.get(key) is None or not test[key] >= floor}
+
+
+def validation_ranking(task: str) -> list[tuple[float, str, dict]]:
+    """Seed-0 variant cards in ``results/``, best validation score first: (score, variant, floor shortfalls)."""
+    key = get_task(task).selection_metric
+    ranking = []
+    for path in sorted((RESULTS_DIR / task).glob("*.card.json")):
+        if "_seed" in path.name:
+            continue
+        card = load_card_file(path)
+        score = (card.get("validation") or {}).get(key)
+        if score is not None:
+            ranking.append((float(score), card.get("variant", path.stem), floor_shortfalls(task, card.get("test"))))
+    return sorted(ranking, key=lambda row: -row[0])
+
+
+def validation_choice(task: str) -> Optional[str]:
+    """The variant the rule ships: the best validation score among the variants that clear the release floor."""
+    return next((name for _, name, short in validation_ranking(task) if not short), None)
+
+
+def shortfall_text(shortfalls: dict) -> str:
+    return ", ".join(f"test {key} {'missing' if value is None else f'{value:.4f}'} < {floor}"
+                     for key, (value, floor) in shortfalls.items())
+
+
 def comparison_table(task: str) -> str:
     """Markdown table of every variant card of ``task`` beside the published anchors."""
     spec = get_task(task)
@@ -230,14 +278,19 @@ def comparison_table(task: str) -> str:
     header = "| variant | train wall time | val accuracy | val AUC | " + " | ".join(f"test {k}" for k in keys) + " |"
     rows.append(header)
     rows.append("|" + "---|" * (4 + len(keys)))
+    key = spec.selection_metric
+    shipped_score = next((score for score, name, _ in validation_ranking(task) if name == SHIPPED.get(task)), None)
     for path in sorted((RESULTS_DIR / task).glob("*.card.json")):
         if "_seed" in path.name:
             continue
         card = load_card_file(path)
         val, test = card.get("validation") or {}, card.get("test") or {}
         name = card.get("variant", path.stem)
+        shortfalls = floor_shortfalls(task, test)
         if SHIPPED.get(task) == name:
             name = f"**{name}** (shipped)"
+        elif shipped_score is not None and (val.get(key) or float("-inf")) > shipped_score and shortfalls:
+            name = f"{name} (better on validation; not shipped: {shortfall_text(shortfalls)})"
         minutes = (card.get("training") or {}).get("wall_time_s", float("nan")) / 60
         rows.append(f"| {name} | {minutes:.0f} min | {val.get('accuracy', float('nan')):.4f} | "
                     f"{val.get('auc', float('nan')):.4f} | "
@@ -367,6 +420,11 @@ def seed_lines(task: str) -> list[str]:
     return lines
 
 
+def floors_text() -> str:
+    return "; ".join(f"{task} " + " and ".join(f"{key} ≥ {floor}" for key, floor in floors.items())
+                     for task, floors in RELEASE_FLOORS.items())
+
+
 def write_report() -> Path:
     from .cards import read_card
 
@@ -377,8 +435,12 @@ def write_report() -> Path:
              "threshold use the validation split; the test split is evaluated once per model. Wall times are",
              "for 2 CPU cores shared with other jobs (training, tests), so an idle machine is faster.",
              "The shipped variant of each task is the row with the best validation score (blood: accuracy,",
-             "breast: AUC); the test columns played no part in the choice. Rows are seed-0 runs; the further",
-             "seed runs behind the mean ± std lines measure spread and were not candidates.", ""]
+             "breast: AUC) among the rows that reach the release floor on test, the bars the shipped models are",
+             "tested against (`experiments.RELEASE_FLOORS`: " + floors_text() + "). The floor is a",
+             "test-split bar: where it vetoes a row (marked in the table), the test split took part in the choice",
+             "and the shipped row's test numbers are optimistic. Test scores do not rank the rows that reach it.",
+             "Rows are seed-0 runs; the further seed runs behind the mean ± std lines measure spread and were not",
+             "candidates.", ""]
     for task in ("blood", "breast"):
         parts += [f"## {get_task(task).title} ({get_task(task).flag})", "", comparison_table(task), ""]
         shipped = read_card(get_task(task).model_path)
@@ -388,6 +450,10 @@ def write_report() -> Path:
         check = shipped.get("ood_check")
         if check:
             parts += [ood_check_line(check), ""]
+        if shipped.get("stability"):
+            from .robustness import stability_line
+
+            parts += [stability_line(shipped["stability"]), ""]
         served = serving_line(shipped)
         if served:
             parts += [served, ""]

@@ -31,7 +31,61 @@ def _keras():
     return keras
 
 
-AUGMENTATION_POLICIES = ("default", "flips")
+AUGMENTATION_POLICIES = ("default", "flips", "resample")
+
+#: ``resample``: the smallest side, as a fraction of the input's, a training image is reduced to before it is
+#: enlarged back (a round trip through 13-28 px for a 28-px image).
+RESAMPLE_MIN_SCALE = 0.45
+
+
+def _resample_layer_class():
+    """``RandomResample``, defined on first use so that importing this module does not import Keras."""
+    global _RandomResample
+    if _RandomResample is not None:
+        return _RandomResample
+    keras = _keras()
+    import tensorflow as tf
+
+    @keras.saving.register_keras_serializable(package="medclassify")
+    class RandomResample(keras.layers.Layer):
+        """Training only: for half the batches, reduce the images to a random side between
+        ``min_scale`` and 1 of theirs (area averaging) and enlarge them back (bicubic); a scale that
+        rounds to the full side leaves the batch as it is.
+
+        This is the softening an image meets on its way into the model: a full-size
+        upload is reduced to 28 px by a filter that need not be the one MedMNIST used,
+        and a thumbnail may have been enlarged and compressed before it is uploaded.
+        One scale per batch, since a batch is resized as one tensor.
+        """
+
+        def __init__(self, min_scale: float = RESAMPLE_MIN_SCALE, seed: Optional[int] = None, **kwargs):
+            super().__init__(**kwargs)
+            self.min_scale = float(min_scale)
+            self.seed = seed
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def call(self, images, training=True):
+            if not training:
+                return images
+            draws = keras.random.uniform((2,), seed=self.seed_generator)
+            side = tf.shape(images)[1:3]
+            scale = self.min_scale + (1.0 - self.min_scale) * draws[0]
+            small = tf.maximum(tf.cast(tf.round(tf.cast(side, tf.float32) * scale), tf.int32), 1)
+            softened = tf.image.resize(tf.image.resize(images, small, method="area"), side, method="bicubic")
+            softened = tf.cast(tf.clip_by_value(softened, 0.0, 255.0), images.dtype)  # bicubic overshoots
+            return tf.where(draws[1] < 0.5, softened, images)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "min_scale": self.min_scale, "seed": self.seed}
+
+    _RandomResample = RandomResample
+    return RandomResample
+
+
+_RandomResample = None
 
 
 def augmentation_layers(spec: TaskSpec, policy: str = "default") -> list:
@@ -41,6 +95,10 @@ def augmentation_layers(spec: TaskSpec, policy: str = "default") -> list:
     shifts, which keep every 28-px image sharp -- arbitrary rotations and zooms
     interpolate, and at 28 px that blur costs detail.
 
+    ``resample``: only ``RandomResample``, a resize round trip that softens the
+    image as the app's own resizing may (a breast model trained without it moved
+    its answers when a validation image was enlarged and reduced again).
+
     Blood cells have no preferred orientation, so all flips and full rotations
     are label-preserving; ultrasound has a top (the transducer), so only a
     horizontal flip and small rotations.  (No RandomBrightness: Keras 3.15 cannot
@@ -49,6 +107,8 @@ def augmentation_layers(spec: TaskSpec, policy: str = "default") -> list:
     layers = _keras().layers
     if policy not in AUGMENTATION_POLICIES:
         raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENTATION_POLICIES}")
+    if policy == "resample":
+        return [_resample_layer_class()(name="aug_resample")]
     if policy == "flips":
         return [
             layers.RandomFlip("horizontal_and_vertical" if spec.name == "blood" else "horizontal", name="aug_flip"),

@@ -224,8 +224,8 @@ VARIANT_TEXT = {
         (`cnn_ema`, added later, scores higher with its seed 0 but lower as an ensemble).  This variant trains it
         with five seeds and ships one model that averages the members' logits, since with a few hundred
         training images one run's result depends visibly on its seed.  It has the highest validation AUC
-        of all breast variants, which is why it is the shipped model; the test split played no part in
-        the choice.
+        of the breast variants whose test AUC reaches the release floor (see `cnn_resample_ens5` below, whose
+        veto brought the test split into this choice), which is why it is the shipped model.
     """,
     ("breast", "cnn_flips"): """
         ### `cnn_flips`: lossless augmentation only
@@ -245,7 +245,7 @@ VARIANT_TEXT = {
     ("breast", "cnn_mixup"): """
         ### `cnn_mixup`: mixup
 
-        The recipe of the shipped ensemble's members (`cnn`, no augmentation) trained on *mixed* pairs:
+        The recipe of `cnn_ens5`'s members (`cnn`, no augmentation) trained on *mixed* pairs:
         each training image is blended with another one of its batch, and the one-hot labels with the same
         weight drawn from Beta(0.4, 0.4) (Zhang et al., *mixup: Beyond Empirical Risk Minimization*, 2018;
         Keras's `MixUp` layer, applied to each training batch in the `tf.data` pipeline). It is a
@@ -261,7 +261,7 @@ VARIANT_TEXT = {
     ("breast", "cnn_ema"): """
         ### `cnn_ema`: weight averaging
 
-        The recipe of the shipped ensemble's members (`cnn`, no augmentation) keeping the exponential moving
+        The recipe of `cnn_ens5`'s members (`cnn`, no augmentation) keeping the exponential moving
         average of its weights (Polyak averaging, momentum 0.99, so about the last five epochs' steps): with
         a few hundred images every batch is noisy, and the average sits in a flatter region than the last
         step's weights.  The averaged weights are the ones scored on validation at each epoch's end and
@@ -271,6 +271,30 @@ VARIANT_TEXT = {
         ### `cnn_ema_ens5`: the five seed runs of `cnn_ema`, averaged
 
         Assembled from the five seed runs in `runs/`, temperature and threshold fitted on the averaged output.
+    """,
+    ("breast", "cnn_resample"): """
+        ### `cnn_resample`: trained on softened copies too
+
+        The recipe of `cnn_ens5`'s members with one training-only augmentation: for half the batches, the
+        images are reduced to a random 45-100% of their side and enlarged back (`models.RandomResample`).
+        That is the softening an image can meet on its way into the model: the app reduces a full-size
+        upload to 28 px with a filter MedMNIST does not name, and a thumbnail may have been enlarged and
+        compressed before it is uploaded.  Why: on the validation split, `cnn_ens5` changed 8 of its 78
+        answers when each image was enlarged to 500 px, saved and reduced again by the app (float model:
+        `python -m medclassify stability --task breast --model runs/breast/cnn_ens5.h5 --sides 500`).
+    """,
+    ("breast", "cnn_resample_ens5"): """
+        ### `cnn_resample_ens5`: five seeds of `cnn_resample`
+
+        Trained as `cnn_ens5` is: five members in one call, logits averaged, temperature and threshold
+        fitted on the averaged output.  It has the highest validation AUC of all breast variants, and on
+        validation, under the same 500-px round trip, it changes fewer answers than `cnn_ens5` and its
+        probabilities move less than half as far (both measured on the float models with
+        `stability --sides 500`).  It is not shipped: its test AUC is under the release floor, the foundation
+        issue's 0.913 that the shipped breast model is tested against (`experiments.RELEASE_FLOORS`).  That
+        floor is a test-split bar, so the choice between this model and `cnn_ens5` used the test split, and
+        `cnn_ens5`'s test numbers are optimistic for it; the shortfall is far inside the confidence interval,
+        and the seed line below shows the recipe's other seeds reaching the floor.
     """,
     ("breast", "vgg16"): """
         ### `vgg16`: ImageNet transfer
@@ -315,7 +339,8 @@ OPTIMISM = """
     The same validation images chose the variant, each run's epoch and the temperature{{AND_THRESHOLD}}.
     Scores measured on the images that made the choices flatter the model, the more so the fewer the
     images.  The cell below sets the margin the choice of variant rested on beside the change from
-    validation to test.
+    validation to test.  A variant with a better validation score than the shipped one was vetoed by the
+    release floor on test, and the cell names it with the metric it missed.
 """
 
 CONFUSION = """
@@ -361,6 +386,17 @@ THRESHOLD = """
     model, and the operating point below is read from it.
 """
 
+STABILITY = """
+    ### Answers when the image is resized (validation and test)
+
+    The app reduces every upload to 28 px.  `python -m medclassify stability` enlarges each 28-px image
+    (bicubic), saves it as PNG and JPEG, sends the bytes through the serving path as an upload, and counts
+    the answers that differ from the answer to the 28-px image itself.  The enlargement adds a slight blur
+    that a genuine full-size scan would not have, so this measures how sensitive the model is to
+    softening, not its error on full-size images.  The numbers are read from the card's `stability`
+    section, which that command wrote.
+"""
+
 EXPORT = """
     ## Export
 
@@ -382,6 +418,8 @@ COMMANDS = {
     python -m medclassify experiment --task blood --variant cnn_flips_wide_ens3   # assembles the 3 seed runs
     python -m medclassify ship --task blood
     python -m medclassify ood-check --task blood --write-card
+    python -m medclassify stability --task blood --split val --write-card
+    python -m medclassify stability --task blood --split test --write-card
     ```
 
     `experiment --variant cnn_flips_wide_ens3` on its own trains the three members in turn and gives an equally
@@ -397,6 +435,8 @@ COMMANDS = {
     python -m medclassify experiment --task breast --variant cnn_ens5   # with no `cnn` seed runs 1-4 in runs/breast/
     python -m medclassify ship --task breast
     python -m medclassify ood-check --task breast --write-card
+    python -m medclassify stability --task breast --split val --write-card
+    python -m medclassify stability --task breast --split test --write-card
     ```
 
     With `cnn` seed runs 1-4 in `runs/breast/`, `experiment` would assemble the ensemble from them instead,
@@ -730,14 +770,32 @@ OPTIMISM_CODE = '''
     SELECTED_ON = spec.selection_metric  # the validation score each run's epoch and the variant are chosen by
     ranked = sorted((((card or {}).get("validation") or {}).get(SELECTED_ON), name) for name, card in RESULTS.items()
                     if ((card or {}).get("validation") or {}).get(SELECTED_ON) is not None)[::-1]
-    if len(ranked) >= 2:
-        (best, best_name), (second, second_name) = ranked[:2]
-        print(f"{len(ranked)} variants compared on {live['val']['n']} validation images by validation "
-              f"{SELECTED_ON}: {best_name} {best:.4f} ({'the shipped variant' if best_name == shipped_card.get('variant') else 'NOT the shipped variant'}), "
-              f"then {second_name} {second:.4f} (a margin of {best - second:.4f})")
+    for score, name in ranked:  # a variant above the shipped one can only have been vetoed by the release floor
+        if name == shipped_card.get("variant"):
+            break
+        short = experiments.floor_shortfalls(TASK, RESULTS[name].get("test"))
+        print(f"{name}: validation {SELECTED_ON} {score:.4f}, "
+              + (f"not shipped: {experiments.shortfall_text(short)} (the release floor)" if short
+                 else "reaches the release floor, yet is NOT the shipped variant"))
+    shipped_row = next(((score, name) for score, name in ranked if name == shipped_card.get("variant")), None)
+    below = [(score, name) for score, name in ranked if shipped_row and name != shipped_row[1] and score <= shipped_row[0]]
+    if shipped_row and below:
+        (best, best_name), (second, second_name) = shipped_row, below[0]
+        print(f"{len(ranked)} variants compared on {live['val']['n']} validation images by validation {SELECTED_ON}: "
+              f"the shipped {best_name} {best:.4f}, then {second_name} {second:.4f} (a margin of {best - second:.4f})")
     display(Markdown(md_table(["shipped model", "validation", "test", "test − validation"],
                               [[key, fmt(live["val"][key]), fmt(live["test"][key]),
                                 f"{live['test'][key] - live['val'][key]:+.4f}"] for key in KEYS])))
+'''
+
+STABILITY_CODE = '''
+    from medclassify.robustness import stability_line
+
+    if shipped_card.get("stability"):
+        display(Markdown(stability_line(shipped_card["stability"])))
+    else:
+        print(f"No resize measurement in {rel(cards.card_path(MODEL_PATH))} yet: run "
+              f"`python -m medclassify stability --task {TASK} --split val --write-card` (and `--split test`).")
 '''
 
 CONFUSION_CODE = '''
@@ -961,6 +1019,8 @@ def build(task: str) -> nbformat.NotebookNode:
     code(ROC_CODE[task])
     md(RELIABILITY)
     code(RELIABILITY_CODE)
+    md(STABILITY)
+    code(STABILITY_CODE)
     md(EXPORT)
     code(EXPORT_CODE)
     md(COMMANDS[task])

@@ -164,6 +164,31 @@ def test_upload_one_image(task):
     else:
         assert "Calibrated probability" in captions and aps.BLOOD_SCOPE_NOTE in captions
         assert "calibrated on the validation split's cell mix" in captions
+    assert "This image was reduced" not in captions  # a 28-px thumbnail goes in as it is
+    no_traceback(at)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_an_image_the_app_reduced_says_how_much_resizing_moved_the_answers(task):
+    """A full-size upload is reduced to 28 px; the card's measured round trip says what that costs."""
+    from medclassify.inference import get_predictor
+
+    predictor = get_predictor(task)
+    for item in aps.list_samples(task):  # the first sample the OOD rule still accepts at 280 px
+        buffer = io.BytesIO()
+        Image.open(item.path).resize((280, 280), Image.BICUBIC).save(buffer, format="PNG")
+        prediction = predictor.predict(buffer.getvalue())
+        if not prediction.ood:
+            break
+    else:
+        pytest.fail(f"every {task} sample is flagged at 280 px")
+    note = aps.resize_note(predictor.card, prediction, predictor.precision)
+    # a 280-px blood image is taken for a microscope frame: MedMNIST's centre crop (200/360 of it), then the reduction
+    assert note.startswith("This image was cropped to its centre 156×156 px" if task == "blood"
+                           else "This image was reduced from 280×280 to 28×28 px.")
+    assert "In a check on the official test split" in note
+    at = upload(select_task(new_app(), task), [("big.png", buffer.getvalue(), "image/png")])
+    assert note in texts(at.caption)
     no_traceback(at)
 
 
@@ -371,6 +396,9 @@ def test_about_the_model(task):
         assert any(command in c.value for c in at.code)
     if get_predictor(task).card.get("test") is None:
         assert any("Test-set results are not in this model card yet" in i.value for i in at.info)
+    note = aps.size_note(predictor.card, predictor.precision)
+    assert "In a check on the official test split, where each image was enlarged" in note
+    assert note in markdown  # the shipped card's round trip, in Limitations
 
 
 def test_about_with_test_metrics_and_confidence_intervals(monkeypatch):

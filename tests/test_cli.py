@@ -578,7 +578,7 @@ def test_help_shows_every_default_worth_showing(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-@pytest.mark.parametrize("command", ["fit-ood", "ood-check"])
+@pytest.mark.parametrize("command", ["fit-ood", "ood-check", "stability"])
 def test_ood_commands_name_a_model_of_the_other_task(capsys, tiny_models, fixture_data_dir, command):
     code, _, err = run_main(capsys, command, "--task", "breast", "--model", tiny_models["blood"].path,
                             "--data-dir", fixture_data_dir)
@@ -587,7 +587,8 @@ def test_ood_commands_name_a_model_of_the_other_task(capsys, tiny_models, fixtur
 
 # --------------------------------------------------------------------------- review fixes (session 10)
 
-@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "fit-ood", "ood-check", "quantize"])
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "fit-ood", "ood-check", "quantize",
+                                     "stability"])
 def test_a_missing_model_file_is_the_same_one_line_and_exit_1_for_every_command(capsys, tmp_path, fixture_images,
                                                                               command):
     missing = tmp_path / "nope.h5"

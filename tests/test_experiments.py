@@ -158,6 +158,11 @@ def test_report_names_the_ensemble_that_seed_runs_were_assembled_into(results_di
     line = "Members of `v_ens2`: configuration `v` over 2 seeds (test, mean ± std): auc 0.9000 ± 0.0000"
     assert line in report
     assert experiments.seed_lines("breast") == [line]  # what the notebooks print too
+    from medclassify.cards import read_card
+    from medclassify.robustness import stability_line
+
+    for task in ("blood", "breast"):  # the shipped cards' measured resize stability, as `stability` wrote it
+        assert stability_line(read_card(get_task(task).model_path)["stability"]) in report
 
 
 def test_replace_between_markers(tmp_path):
@@ -321,20 +326,43 @@ def test_ensemble_variant_reuses_the_seed_runs(results_dir, fixture_data_dir, tm
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_shipped_variant_is_the_validation_choice(task):
-    """Selection uses validation only: the shipped variant has the best validation score of its task."""
+    """Selection uses validation only: the shipped variant has the best validation score of the variants whose
+    test metrics reach the release floor (which can only veto), and the shipped card is that variant's."""
     key = get_task(task).selection_metric
     scores = {}
     for path in sorted((experiments.RESULTS_DIR / task).glob("*.card.json")):
         if "_seed" not in path.name:
             card = json.loads(path.read_text())
-            scores[card.get("variant", path.stem)] = card["validation"][key]
+            if not experiments.floor_shortfalls(task, card["test"]):
+                scores[card.get("variant", path.stem)] = card["validation"][key]
     shipped = experiments.SHIPPED[task]
-    assert shipped in scores, f"no results card for the shipped variant {shipped}"
+    assert shipped in scores, f"no results card reaching the release floor for the shipped variant {shipped}"
     best = max(scores, key=scores.get)
     assert scores[shipped] == scores[best], f"{task}: validation {key} prefers {best} ({scores[best]:.4f}) " \
                                             f"over the shipped {shipped} ({scores[shipped]:.4f})"
+    assert experiments.validation_choice(task) == shipped
     shipped_card = json.loads(get_task(task).card_path.read_text())
     assert shipped_card["variant"] == shipped
+
+
+def test_the_release_floor_vetoes_but_never_ranks(results_dir, monkeypatch):
+    folder = results_dir / "breast"
+    folder.mkdir(parents=True)
+    for name, val_auc, test_auc in [("a", 0.99, 0.90), ("b", 0.98, 0.92), ("c", 0.97, 0.99), ("d", 0.995, None)]:
+        card = _card(name, {"auc": val_auc}, {})
+        card["test"] = {} if test_auc is None else {"auc": test_auc}
+        experiments.card_file("breast", name).write_text(json.dumps(card))
+    ranking = experiments.validation_ranking("breast")
+    assert [name for _, name, _ in ranking] == ["d", "a", "b", "c"]
+    assert ranking[1][2] == {"auc": (0.90, 0.913)} and ranking[0][2] == {"auc": (None, 0.913)}
+    assert experiments.validation_choice("breast") == "b"  # c's far better test AUC does not move it ahead
+    assert experiments.shortfall_text(ranking[1][2]) == "test auc 0.9000 < 0.913"
+    assert experiments.floor_shortfalls("breast", {"auc": 0.913}) == {}  # the floor itself is reached
+    assert experiments.floor_shortfalls("a_third_task", {}) == {}  # a task without floors: validation alone
+    monkeypatch.setitem(experiments._SHIPPED, "breast", "b")
+    rows = {line.split(" | ")[0] for line in experiments.comparison_table("breast").splitlines() if line.startswith("| ")}
+    assert {"| **b** (shipped)", "| c", "| a (better on validation; not shipped: test auc 0.9000 < 0.913)",
+            "| d (better on validation; not shipped: test auc missing < 0.913)"} <= rows
 
 
 def test_serving_line_reports_the_int8_copy_on_val_and_test():

@@ -97,6 +97,43 @@ def test_flips_policy_never_interpolates(task):
         augmentation_layers(spec, "cutout")
 
 
+def _roughness(images: np.ndarray) -> float:
+    """Mean absolute difference between horizontal neighbours: what a low-pass round trip lowers."""
+    return float(np.abs(np.diff(images, axis=2)).mean())
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_resample_policy_softens_some_batches_and_nothing_at_inference(task):
+    """``resample`` (breast's cnn_resample): a resize round trip for about half the batches, i.e. a
+    low-pass filter that keeps the range and the mean; off at inference; left out of the saved model."""
+    from medclassify.models import RESAMPLE_MIN_SCALE
+
+    spec = get_task(task)
+    (layer,) = augmentation_layers(spec, "resample")
+    assert layer.name == "aug_resample" and layer.min_scale == RESAMPLE_MIN_SCALE
+    layer = type(layer).from_config({**layer.get_config(), "seed": 7})  # seeded: the coin count below is fixed
+    image = batch(task, n=4, seed=5)
+    assert np.array_equal(np.asarray(layer(image, training=False)), image)
+    softened = untouched = 0
+    for _ in range(16):
+        out = np.asarray(layer(image, training=True))
+        assert out.shape == image.shape and out.min() >= 0 and out.max() <= 255
+        if np.array_equal(out, image):
+            untouched += 1
+            continue
+        softened += 1
+        assert _roughness(out) < 0.8 * _roughness(image)  # noise loses most of its pixel-to-pixel detail
+        assert abs(out.mean() - image.mean()) < 8  # area averaging and bicubic keep the brightness
+    assert softened and untouched  # a coin per batch
+    flat = np.full_like(image, 97.0)
+    assert np.allclose(np.asarray(layer(flat, training=True)), 97.0, atol=1e-3)
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.min_scale == layer.min_scale
+    model = build_cnn(spec, augment=True, augmentation="resample", widths=(4,))
+    assert "aug_resample" in [l.name for l in model.layers]
+    assert "aug_resample" not in [l.name for l in inference_model(model).layers]
+
+
 def test_build_model_dispatch():
     assert build_model("cnn", "blood", widths=(4,)).name == "blood_cnn"
     with pytest.raises(ValueError, match="unknown model kind"):
