@@ -93,7 +93,7 @@ def size_note(card: Optional[dict], precision: Optional[str] = None) -> str:
         return SIZE_NOTE
     changed, n, before, after, _ = worst
     return (SIZE_NOTE + f" In a check on the official test split, where each image was enlarged, saved and "
-            f"reduced again, {changed} of {n} answers changed (accuracy {before:.1%} before, {after:.1%} after). "
+            f"reduced again, {changed:,} of {n:,} answers changed (accuracy {before:.1%} before, {after:.1%} after). "
             + ROUND_TRIP_CAVEAT)
 
 
@@ -115,7 +115,7 @@ def resize_note(card: Optional[dict], prediction, precision: Optional[str] = Non
     how = (f"cropped to its centre {crop}×{crop} px, as MedMNIST cropped its source images, and reduced to "
            f"{side}×{side} px" if crop else f"reduced from {size[0]}×{size[1]} to {side}×{side} px")
     return (f"This image was {how}. In a check on the official test split, where each image was enlarged, saved "
-            f"and reduced again, {changed} of {n} answers ({changed / n:.0%}) changed{direction}. " + ROUND_TRIP_CAVEAT)
+            f"and reduced again, {changed:,} of {n:,} answers ({changed / n:.0%}) changed{direction}. " + ROUND_TRIP_CAVEAT)
 
 
 #: What to try when a full-size ultrasound is unlike the training data: MedMNIST's images show only the scan.

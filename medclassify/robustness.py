@@ -111,9 +111,12 @@ def stability_line(section: dict) -> str:
         if not report:
             continue
         worst, trip = worst_round_trip(report)
-        direction = (f": {trip['flag_lost']} lost the positive flag, {trip['flag_gained']} gained it"
-                     if "flag_lost" in trip else "")
-        parts.append(f"{split}: {trip['changed']} of {report['n']} answers changed ({worst}, the round trip that "
+        direction = ""
+        if "flag_lost" in trip:
+            spec = get_task(report["task"])
+            flagged = spec.class_names[spec.positive_class]
+            direction = f": {trip['flag_gained']} to '{flagged}', {trip['flag_lost']} away from it"
+        parts.append(f"{split}: {trip['changed']} of {report['n']:,} answers changed ({worst}, the round trip that "
                      f"changed most{direction}), probabilities moved by {trip['mean_shift']:.3f} on average "
                      f"(90th percentile {trip['p90_shift']:.3f}), accuracy {report['accuracy']:.4f} on the "
                      f"split's images and {trip['accuracy']:.4f} after that round trip")

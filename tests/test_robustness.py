@@ -167,12 +167,16 @@ def test_the_cli_refuses_a_side_the_app_would_crop_in_one_line(capsys, tiny_mode
 
 
 def test_the_worst_round_trip_breaks_ties_by_the_larger_shift_and_the_line_gives_the_direction():
-    report = {"n": 156, "accuracy": 0.88, "command": "c", "round_trips": {
+    report = {"task": "breast", "n": 156, "accuracy": 0.88, "command": "c", "round_trips": {
         "png64": {"changed": 23, "accuracy": 0.78, "mean_shift": 0.115, "p90_shift": 0.4, "flag_lost": 20,
                   "flag_gained": 3},
         "jpeg224_q75": {"changed": 23, "accuracy": 0.77, "mean_shift": 0.116, "p90_shift": 0.4, "flag_lost": 21,
                         "flag_gained": 2}}}
     assert robustness.worst_round_trip(report)[0] == "jpeg224_q75"
     line = robustness.stability_line({"test": report})
-    assert "23 of 156 answers changed (jpeg224_q75, the round trip that changed most: 21 lost the positive flag, " \
-           "2 gained it)" in line
+    assert "23 of 156 answers changed (jpeg224_q75, the round trip that changed most: 2 to 'malignant', 21 away " \
+           "from it)" in line
+    blood = {**report, "task": "blood", "n": 3421, "round_trips": {"png64": {
+        "changed": 166, "accuracy": 0.94, "mean_shift": 0.05, "p90_shift": 0.1}}}
+    assert "test: 166 of 3,421 answers changed (png64, the round trip that changed most)" in \
+        robustness.stability_line({"test": blood})
