@@ -63,11 +63,11 @@ SIZE_NOTE = ("Answers come from a 28×28 px reduction of the image: the same pic
              "'What the model saw' shows the input.")
 
 
-def _worst_round_trip(card: Optional[dict], precision: Optional[str]) -> Optional[tuple[int, int, float, float, dict]]:
-    """(answers changed, images, accuracy before, after, its numbers) of the round trip that changed most test
-    answers, from
-    the card's ``stability`` section (``python -m medclassify stability --split test --write-card``); None
-    without one, or when it was measured on another precision than the one serving."""
+def _worst_round_trip(card: Optional[dict], precision: Optional[str]) -> Optional[tuple]:
+    """(answers changed, images, accuracy before, accuracy after, the trip's numbers) of the round trip that
+    changed most test answers, from the card's ``stability`` section (``python -m medclassify stability
+    --split test --write-card``); None without one, or when it was measured on another precision than the
+    one serving."""
     from .robustness import worst_round_trip
 
     section = (card or {}).get("stability") or {}
@@ -93,8 +93,8 @@ def size_note(card: Optional[dict], precision: Optional[str] = None) -> str:
         return SIZE_NOTE
     changed, n, before, after, _ = worst
     return (SIZE_NOTE + f" In a check on the official test split, where each image was enlarged, saved and "
-            f"reduced again, {changed:,} of {n:,} answers changed (accuracy {before:.1%} before, {after:.1%} after). "
-            + ROUND_TRIP_CAVEAT)
+            f"reduced again, {changed:,} of {n:,} answers changed (accuracy {before:.1%} before, {after:.1%} "
+            "after). " + ROUND_TRIP_CAVEAT)
 
 
 def resize_note(card: Optional[dict], prediction, precision: Optional[str] = None) -> str:
@@ -115,7 +115,8 @@ def resize_note(card: Optional[dict], prediction, precision: Optional[str] = Non
     how = (f"cropped to its centre {crop}×{crop} px, as MedMNIST cropped its source images, and reduced to "
            f"{side}×{side} px" if crop else f"reduced from {size[0]}×{size[1]} to {side}×{side} px")
     return (f"This image was {how}. In a check on the official test split, where each image was enlarged, saved "
-            f"and reduced again, {changed:,} of {n:,} answers ({changed / n:.0%}) changed{direction}. " + ROUND_TRIP_CAVEAT)
+            f"and reduced again, {changed:,} of {n:,} answers ({changed / n:.0%}) changed{direction}. "
+            + ROUND_TRIP_CAVEAT)
 
 
 #: What to try when a full-size ultrasound is unlike the training data: MedMNIST's images show only the scan.
