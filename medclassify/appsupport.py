@@ -99,10 +99,8 @@ def size_note(card: Optional[dict], precision: Optional[str] = None) -> str:
 
 def resize_note(card: Optional[dict], prediction, precision: Optional[str] = None) -> str:
     """For an image the app reduced to the model's size: how much resizing moved this model's test answers."""
-    from .preprocessing import centre_crop_side
-
     spec = get_task(prediction.task)
-    size, side = getattr(prediction, "source_size", None), spec.image_size
+    size, side = prediction.source_size, spec.image_size
     worst = _worst_round_trip(card, precision)
     if not size or max(size) <= side or worst is None:
         return ""
@@ -111,7 +109,7 @@ def resize_note(card: Optional[dict], prediction, precision: Optional[str] = Non
     if spec.positive_class is not None and "flag_lost" in trip:
         flagged = spec.class_names[spec.positive_class]
         direction = f": {int(trip['flag_gained'])} to '{flagged}', {int(trip['flag_lost'])} away from it"
-    crop = centre_crop_side(tuple(size), spec)
+    crop = _crop_side(prediction)
     how = (f"cropped to its centre {crop}×{crop} px, as MedMNIST cropped its source images, and reduced to "
            f"{side}×{side} px" if crop else f"reduced from {size[0]}×{size[1]} to {side}×{side} px")
     return (f"This image was {how}. In a check on the official test split, where each image was enlarged, saved "
