@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import altair as alt
-import pandas as pd
 import streamlit as st
 
 st.set_page_config(page_title="medclassify: MedMNIST image classifier", page_icon=":material/biotech:", layout="wide")
@@ -175,7 +174,9 @@ def threshold_chart(prediction, spec):
     label = alt.Chart(frame).mark_text(align="left", dx=5, dy=-20, fontSize=11).encode(  # above the bar, not on it
         x="threshold:Q", y=alt.Y("what:N", title=None),
         text=alt.value(f"threshold {aps.percent(float(prediction.threshold))}"))
-    return (bar + rule + label).properties(height=60, padding={"top": 16, "left": 5, "right": 5, "bottom": 5})
+    # fit-x only: Streamlit's default also fits y, squeezing the axis labels out of a chart this short
+    return (bar + rule + label).properties(height=60, padding={"top": 16, "left": 5, "right": 5, "bottom": 5},
+                                           autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
 
 
 def show_model_view(prediction, data: bytes | None) -> None:
@@ -307,7 +308,8 @@ def show_batch(results, spec, task: str, items, truth: dict[str, str] | None = N
     if len(failed) > MAX_ERRORS_SHOWN:
         st.caption(f"…and {len(failed) - MAX_ERRORS_SHOWN} more files that could not be read (see the table).")
     table = aps.results_table(results, spec, truth)
-    st.dataframe(table, hide_index=True, width="stretch", column_config={
+    # A file with no answer has no score: a dash, not the grid's default "None", which reads like a class name.
+    st.dataframe(table, hide_index=True, width="stretch", placeholder=aps.NO_VALUE, column_config={
         "file": st.column_config.TextColumn("file", pinned=True),  # stays in view when the table scrolls sideways
         "true_class": st.column_config.TextColumn("true class"),
         "agrees": st.column_config.CheckboxColumn("label = true class"),
@@ -392,11 +394,12 @@ def about_tab(task: str, predictor) -> None:
         table = aps.metrics_frame(metrics, aps.served_metrics(card, split, predictor.precision))
         if not table["95% CI"].astype(bool).any():
             table = table.drop(columns="95% CI")
-        if aps.SERVED_COLUMN in table:  # text, so a metric the copy was not measured on reads "—", not "None"
-            table[aps.SERVED_COLUMN] = ["—" if pd.isna(v) else f"{v:.4f}" for v in table[aps.SERVED_COLUMN]]
         st.dataframe(table, hide_index=True, width="stretch", height=_table_height(len(table)),
+                     placeholder=aps.NO_VALUE,  # a metric the int8 copy was not measured on
                      column_config={"metric": st.column_config.TextColumn("metric", pinned=True),
-                                    "value": st.column_config.NumberColumn("value", format="%.4f")})
+                                    "value": st.column_config.NumberColumn("value", format="%.4f"),
+                                    aps.SERVED_COLUMN: st.column_config.NumberColumn(aps.SERVED_COLUMN,
+                                                                                     format="%.4f")})
         confusion = aps.confusion_frame(metrics, spec.class_names)
         if confusion is not None:
             st.markdown(f"**Confusion matrix ({split}, float model)** — rows: true class, "

@@ -31,6 +31,9 @@ DISCLAIMER = (
     "triage or any clinical decision."
 )
 
+#: What a table shows where a number does not exist (an unreadable file's score, a metric never measured).
+NO_VALUE = "—"
+
 UNRELIABLE = "This image is unlike the training data, so the app cannot give a reliable answer for it."
 
 #: Wording of the breast result: what the model's threshold rule says, never advice (see DISCLAIMER) and never

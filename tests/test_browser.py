@@ -135,6 +135,22 @@ def screenshot(page, name: str) -> None:
         page.screenshot(path=str(Path(folder) / f"{name}.png"))
 
 
+#: Text of a drawn chart (axis labels, bar labels) that ends outside the chart's own box, which clips it.
+CLIPPED_CHART_TEXT_JS = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].flatMap(chart => {
+    const box = chart.getBoundingClientRect();
+    return [...chart.querySelectorAll('svg text')].filter(t => t.textContent.trim()).flatMap(t => {
+        const r = t.getBoundingClientRect();
+        return r.top < box.top - 1 || r.bottom > box.bottom + 1 ? [t.textContent] : [];
+    });
+})"""
+
+
+def clipped_chart_text(page) -> list[str]:
+    charts = page.locator('[data-testid="stVegaLiteChart"] svg text')
+    charts.first.wait_for(state="attached")
+    return page.evaluate(CLIPPED_CHART_TEXT_JS)
+
+
 def prediction_text(page) -> str:
     element = page.locator(PREDICTION).first
     element.wait_for(state="visible")
@@ -168,6 +184,7 @@ def test_pick_classifier_upload_and_read_label(page, task):
         verdict = page.get_by_text(aps.BREAST_POSITIVE).or_(page.get_by_text(aps.BREAST_NEGATIVE))
         verdict.first.wait_for()
     settle(page)
+    assert clipped_chart_text(page) == []
     screenshot(page, f"app_{task}")
 
 
