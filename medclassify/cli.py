@@ -628,10 +628,9 @@ def _ship(args) -> int:
 
 
 def _stability(args) -> int:
-    from .cards import read_card, set_section
     from .data import DataError
     from .registry import get_task
-    from .robustness import stability_report
+    from .robustness import stability_report, store_stability
 
     try:
         report = stability_report(args.task, args.model, args.split, args.sides, args.data_dir)
@@ -639,14 +638,7 @@ def _stability(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.write_card:
-        model_path = args.model or get_task(args.task).model_path
-        section = read_card(model_path).get("stability") or {}
-        other = next((section[split] for split in ("val", "test") if split != args.split and section.get(split)), None)
-        if section.get("precision") not in (None, report["precision"]) or (
-                other and list(other["round_trips"]) != list(report["round_trips"])):
-            section = {}  # the other split was measured on another precision or other sides: not one description
-        section.update({"precision": report["precision"], args.split: {**report, "command": _command_line(args)}})
-        set_section(model_path, "stability", section)
+        store_stability(args.model or get_task(args.task).model_path, report, _command_line(args))
     print(json.dumps(report))
     return 0
 

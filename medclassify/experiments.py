@@ -359,6 +359,21 @@ TARGETS = {
 }
 
 
+def _meets(value: float, rule: str, bar: float) -> bool:
+    return value >= bar if rule == ">=" else value <= bar
+
+
+def target_misses(task: str, metrics: dict) -> dict[str, tuple[Optional[float], str, float]]:
+    """The model issue's bars (``TARGETS``) that test ``metrics`` miss: metric -> (value or None, rule, bar).
+    A metric the dictionary lacks counts as missed."""
+    misses = {}
+    for key, (rule, bar) in TARGETS[task].items():
+        value = metrics.get(key)
+        if value is None or not _meets(float(value), rule, bar):
+            misses[key] = (value, rule, bar)
+    return misses
+
+
 def targets_line(task: str, card: dict) -> str:
     """Which of the model issue's test-split bars the shipped model (``card``) meets and misses, or ''."""
     test = (card or {}).get("test") or {}
@@ -367,7 +382,7 @@ def targets_line(task: str, card: dict) -> str:
         value = test.get(key)
         if value is None:
             continue
-        met = value >= bar if rule == ">=" else value <= bar
+        met = _meets(value, rule, bar)
         bar_text = f"{bar:.3f}"[:-1] if f"{bar:.3f}".endswith("0") else f"{bar:.3f}"  # 0.90, 0.975
         where = f" at threshold {test['threshold']:.4f}" if key == "sensitivity" and test.get("threshold") else ""
         parts.append(f"{key} {value:.4f}{where} (target {'≥' if rule == '>=' else '≤'} {bar_text}: "
@@ -491,9 +506,26 @@ def quantize_and_refit(task: str, model_path=None, data_dir=None, command: str =
     return section
 
 
+def measure_served_copy(task: str, model_path, data_dir=None) -> None:
+    """Measure what the served copy of ``model_path`` does and write it to its card: the "unlike the training
+    data" rule on foreign images (``ood_check``) and the answers under a resize round trip (``stability``, val
+    and test).  Each section keeps the standalone command that measures it again, which is what
+    ``ood-check --write-card`` and ``stability --write-card`` would write."""
+    from .cards import set_section
+    from .oodcheck import ood_report
+    from .robustness import stability_report, store_stability
+
+    set_section(model_path, "ood_check", {**ood_report(task, model_path, data_dir),
+                                          "command": f"python -m medclassify ood-check --task {task} --write-card"})
+    for split in ("val", "test"):
+        store_stability(model_path, stability_report(task, model_path, split, data_dir=data_dir),
+                        f"python -m medclassify stability --task {task} --split {split} --write-card")
+
+
 def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None) -> Path:
-    """Copy a trained variant (model, card, OOD statistics) to the task's shipped model files, then
-    write its int8 serving copy (``quantize_and_refit``)."""
+    """Copy a trained variant (model, card, OOD statistics) to the task's shipped model files, write its
+    int8 serving copy (``quantize_and_refit``) and measure that copy (``measure_served_copy``), so the
+    shipped card is complete: the app's notes on foreign and resized images read those sections."""
     import shutil
 
     from .cards import card_path, read_card, write_card
@@ -518,7 +550,8 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None)
     if card.get("ood"):
         card["ood"]["statistics_file"] = ood_path(target).name
     card["training"].pop("history", None)
-    card.pop("serving", None)
+    for measured in ("serving", "ood_check", "stability"):  # they describe the model being replaced
+        card.pop(measured, None)
     # The previous model's int8 copy goes first: should anything below fail, no copy answers for a model
     # it was not made from.  Each file is written beside its target and then renamed over it.
     remove_serving_copy(target)
@@ -539,4 +572,5 @@ def ship(task: str, variant: Optional[str] = None, seed: int = 0, data_dir=None)
                                                            f"--variant {variant}" + (f" --seed {seed}" if seed else ""))
     except ValueError as exc:  # the float model is shipped and served; say why there is no int8 copy
         print(f"warning: {exc}", file=sys.stderr)
+    measure_served_copy(task, target, data_dir)
     return target

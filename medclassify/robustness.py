@@ -95,6 +95,23 @@ def stability_report(task: str | TaskSpec, model_path=None, split: str = "val", 
     return report
 
 
+def store_stability(model_path, report: dict, command: str) -> dict:
+    """Put one split's ``stability_report`` into the card of ``model_path`` (section ``stability``), with the
+    command that reproduces it.  A split measured before on another precision or other round trips is dropped,
+    so the section always describes one measurement.  Returns the section."""
+    from .cards import read_card, set_section
+
+    section = read_card(model_path).get("stability") or {}
+    split = report["split"]
+    other = next((section[name] for name in ("val", "test") if name != split and section.get(name)), None)
+    if section.get("precision") not in (None, report["precision"]) or (
+            other and list(other["round_trips"]) != list(report["round_trips"])):
+        section = {}
+    section.update({"precision": report["precision"], split: {**report, "command": command}})
+    set_section(model_path, "stability", section)
+    return section
+
+
 def worst_round_trip(report: dict) -> tuple[str, dict]:
     """(name, numbers) of the round trip that changed most answers of a split's report (ties: the larger mean
     shift, then the first listed): what the README, the notebooks and the app quote."""

@@ -411,15 +411,13 @@ COMMANDS = {
     The shipped model is reproduced by the commands in the README (*Reproducing the shipped models*): three
     seed runs of `cnn_flips_wide` (the wall time of each is in its card, `training.wall_time_s`), the
     ensemble assembled from them, then
-    `ship` (copies it to the shipped file names and writes the int8 serving copy) and the OOD flag-rate check:
+    `ship`, which copies it to the shipped file names, writes the int8 serving copy and measures that copy
+    (the OOD rule's flag rates and the answers under resize round trips, each with the command that repeats it):
 
     ```bash
     for seed in 0 1 2; do python -m medclassify experiment --task blood --variant cnn_flips_wide --seed $seed; done
     python -m medclassify experiment --task blood --variant cnn_flips_wide_ens3   # assembles the 3 seed runs
     python -m medclassify ship --task blood
-    python -m medclassify ood-check --task blood --write-card
-    python -m medclassify stability --task blood --split val --write-card
-    python -m medclassify stability --task blood --split test --write-card
     ```
 
     `experiment --variant cnn_flips_wide_ens3` on its own trains the three members in turn and gives an equally
@@ -428,15 +426,13 @@ COMMANDS = {
 """,
     "breast": """
     The shipped model is reproduced by the commands in the README (*Reproducing the shipped models*): the
-    five-member ensemble trained in one call, then `ship` (copies it to the shipped file names and writes the
-    int8 serving copy) and the OOD flag-rate check:
+    five-member ensemble trained in one call, then `ship`, which copies it to the shipped file names, writes the
+    int8 serving copy and measures that copy (the OOD rule's flag rates and the answers under resize round
+    trips, each with the command that repeats it):
 
     ```bash
     python -m medclassify experiment --task breast --variant cnn_ens5   # with no `cnn` seed runs 1-4 in runs/breast/
     python -m medclassify ship --task breast
-    python -m medclassify ood-check --task breast --write-card
-    python -m medclassify stability --task breast --split val --write-card
-    python -m medclassify stability --task breast --split test --write-card
     ```
 
     With `cnn` seed runs 1-4 in `runs/breast/`, `experiment` would assemble the ensemble from them instead,

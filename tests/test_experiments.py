@@ -17,6 +17,7 @@ import pytest
 
 from medclassify import experiments
 from medclassify.cli import main
+from medclassify.data import load_split
 from medclassify.registry import TASKS, get_task
 
 
@@ -246,6 +247,19 @@ def test_experiment_report_and_ship_commands(results_dir, fixture_data_dir, tmp_
     assert serving["model_sha256"] == quantization.sha256_file(shipped)  # the copy names the model it serves
     assert not list(shipped.parent.glob(".*"))  # no staging file left behind
     assert {serving["file"], serving["head_file"]} == {stale.name, shipped.with_suffix(".head.tflite").name}
+    # ...and measures that copy, so the card the app reads is complete, each section with its own command
+    check = shipped_card["ood_check"]
+    assert check["precision"] == "int8"  # measured on the copy just written, which now answers
+    assert check["command"] == "python -m medclassify ood-check --task breast --write-card"
+    assert check["n_test"] + check.get("n_test_refused", 0) == len(load_split("breast", "test",
+                                                                              data_dir=fixture_data_dir).images)
+    stability = shipped_card["stability"]
+    assert stability["precision"] == "int8"
+    for split in ("val", "test"):
+        assert stability[split]["split"] == split
+        assert stability[split]["command"] == f"python -m medclassify stability --task breast --split {split} " \
+                                              "--write-card"
+        assert stability[split]["n"] == len(load_split("breast", split, data_dir=fixture_data_dir).images)
 
 
 def test_a_shortened_experiment_is_a_trial_that_report_leaves_out(results_dir, fixture_data_dir, tmp_path,
@@ -406,3 +420,14 @@ def test_targets_line_says_which_bars_the_shipped_model_meets():
         "Shipped model against the model issue's (#3) targets, official test split: "
         "accuracy 0.9760 (target ≥ 0.975: met).")
     assert experiments.targets_line("blood", {"test": None}) == ""
+
+
+def test_target_misses_agrees_with_the_targets_line():
+    metrics = {"auc": 0.9267, "accuracy_at_0_5": 0.91, "sensitivity": 0.857, "threshold": 0.1826, "ece": 0.03}
+    assert experiments.target_misses("breast", metrics) == {"auc": (0.9267, ">=", 0.93),
+                                                           "sensitivity": (0.857, ">=", 0.90)}
+    # a bar the metrics cannot show is not met (the line leaves it out rather than call it met)
+    assert experiments.target_misses("blood", {"accuracy": 0.976, "auc": 0.9988}) == {"ece": (None, "<=", 0.03)}
+    assert experiments.target_misses("blood", {"accuracy": 0.975, "auc": 0.998, "ece": 0.0301}) == {
+        "ece": (0.0301, "<=", 0.03)}
+    assert experiments.target_misses("blood", {"accuracy": 0.975, "auc": 0.998, "ece": 0.03}) == {}

@@ -180,3 +180,25 @@ def test_the_worst_round_trip_breaks_ties_by_the_larger_shift_and_the_line_gives
         "changed": 166, "accuracy": 0.94, "mean_shift": 0.05, "p90_shift": 0.1}}}
     assert "test: 166 of 3,421 answers changed (png64, the round trip that changed most)" in \
         robustness.stability_line({"test": blood})
+
+
+def test_a_stored_split_replaces_the_section_when_the_other_was_measured_differently(tmp_path):
+    from medclassify.cards import read_card, write_card
+
+    model = tmp_path / "model_breast.h5"
+    write_card(model, {"name": "model_breast"})
+
+    def report(split, precision="int8", trips=("png64", "jpeg64_q75")):
+        return {"split": split, "precision": precision, "n": 3, "round_trips": {t: {"changed": 1} for t in trips}}
+
+    robustness.store_stability(model, report("val"), "c-val")
+    section = robustness.store_stability(model, report("test"), "c-test")
+    assert set(section) == {"precision", "val", "test"} and section["test"]["command"] == "c-test"
+    assert read_card(model)["stability"] == section and read_card(model)["name"] == "model_breast"
+    # measured on another precision: the val numbers no longer describe the model that answers
+    section = robustness.store_stability(model, report("test", precision="float"), "c-float")
+    assert set(section) == {"precision", "test"} and section["precision"] == "float"
+    # other round trips: one description per section, so the other split goes too
+    robustness.store_stability(model, report("val", precision="float"), "c-val")
+    section = robustness.store_stability(model, report("test", precision="float", trips=("png224",)), "c-224")
+    assert set(section) == {"precision", "test"} and list(section["test"]["round_trips"]) == ["png224"]
