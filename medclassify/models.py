@@ -31,7 +31,7 @@ def _keras():
     return keras
 
 
-AUGMENTATION_POLICIES = ("default", "flips", "resample")
+AUGMENTATION_POLICIES = ("default", "flips", "resample", "flips_resample")
 
 #: ``resample``: the smallest side, as a fraction of the input's, a training image is reduced to before it is
 #: enlarged back (a round trip through 13-28 px for a 28-px image).
@@ -99,6 +99,9 @@ def augmentation_layers(spec: TaskSpec, policy: str = "default") -> list:
     image as the app's own resizing may (a breast model trained without it moved
     its answers when a validation image was enlarged and reduced again).
 
+    ``flips_resample``: ``flips`` followed by ``RandomResample`` (blood's lossless
+    symmetries, plus the softening its flips-only models never saw).
+
     Blood cells have no preferred orientation, so all flips and full rotations
     are label-preserving; ultrasound has a top (the transducer), so only a
     horizontal flip and small rotations.  (No RandomBrightness: Keras 3.15 cannot
@@ -109,11 +112,11 @@ def augmentation_layers(spec: TaskSpec, policy: str = "default") -> list:
         raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENTATION_POLICIES}")
     if policy == "resample":
         return [_resample_layer_class()(name="aug_resample")]
-    if policy == "flips":
+    if policy in ("flips", "flips_resample"):
         return [
             layers.RandomFlip("horizontal_and_vertical" if spec.name == "blood" else "horizontal", name="aug_flip"),
             layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", interpolation="nearest", name="aug_translate"),
-        ]
+        ] + ([_resample_layer_class()(name="aug_resample")] if policy == "flips_resample" else [])
     if spec.name == "blood":
         return [
             layers.RandomFlip("horizontal_and_vertical", name="aug_flip"),

@@ -134,6 +134,18 @@ def test_resample_policy_softens_some_batches_and_nothing_at_inference(task):
     assert "aug_resample" not in [l.name for l in inference_model(model).layers]
 
 
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_flips_resample_policy_is_flips_then_the_round_trip(task):
+    """``flips_resample`` (blood's cnn_flips_resample_wide): the lossless ``flips`` layers, then the resample."""
+    spec = get_task(task)
+    flips = [layer.get_config() for layer in augmentation_layers(spec, "flips")]
+    *lossless, resample = augmentation_layers(spec, "flips_resample")
+    assert [layer.get_config() for layer in lossless] == flips and resample.name == "aug_resample"
+    model = build_cnn(spec, augment=True, augmentation="flips_resample", widths=(4,))
+    assert {"aug_flip", "aug_translate", "aug_resample"} <= {layer.name for layer in model.layers}
+    assert not [layer.name for layer in inference_model(model).layers if layer.name.startswith("aug_")]
+
+
 def test_build_model_dispatch():
     assert build_model("cnn", "blood", widths=(4,)).name == "blood_cnn"
     with pytest.raises(ValueError, match="unknown model kind"):
