@@ -107,11 +107,10 @@ def resize_note(card: Optional[dict], prediction, precision: Optional[str] = Non
     worst = _worst_round_trip(card, precision)
     if not size or max(size) <= side or worst is None:
         return ""
+    from .robustness import direction_text
+
     changed, n, _, _, trip = worst
-    direction = ""
-    if spec.positive_class is not None and "flag_lost" in trip:
-        flagged = spec.class_names[spec.positive_class]
-        direction = f": {int(trip['flag_gained'])} to '{flagged}', {int(trip['flag_lost'])} away from it"
+    direction = direction_text(spec, trip)
     crop = _crop_side(prediction)
     how = (f"cropped to its centre {crop}×{crop} px, as MedMNIST cropped its source images, and reduced to "
            f"{side}×{side} px" if crop else f"reduced from {size[0]}×{size[1]} to {side}×{side} px")

@@ -112,6 +112,17 @@ def store_stability(model_path, report: dict, command: str) -> dict:
     return section
 
 
+def direction_text(task: str | TaskSpec, trip: dict) -> str:
+    """': N to 'malignant', M away from it' for a thresholded task's round trip; '' for any other."""
+    if "flag_lost" not in trip:
+        return ""
+    spec = get_task(task) if isinstance(task, str) else task
+    if spec.positive_class is None:
+        return ""
+    flagged = spec.class_names[spec.positive_class]
+    return f": {int(trip['flag_gained'])} to '{flagged}', {int(trip['flag_lost'])} away from it"
+
+
 def worst_round_trip(report: dict) -> tuple[str, dict]:
     """(name, numbers) of the round trip that changed most answers of a split's report (ties: the larger mean
     shift, then the first listed): what the README, the notebooks and the app quote."""
@@ -128,11 +139,7 @@ def stability_line(section: dict) -> str:
         if not report:
             continue
         worst, trip = worst_round_trip(report)
-        direction = ""
-        if "flag_lost" in trip:
-            spec = get_task(report["task"])
-            flagged = spec.class_names[spec.positive_class]
-            direction = f": {trip['flag_gained']} to '{flagged}', {trip['flag_lost']} away from it"
+        direction = direction_text(report.get("task"), trip)
         parts.append(f"{split}: {trip['changed']} of {report['n']:,} answers changed ({worst}, the round trip that "
                      f"changed most{direction}), probabilities moved by {trip['mean_shift']:.3f} on average "
                      f"(90th percentile {trip['p90_shift']:.3f}), accuracy {report['accuracy']:.4f} on the "
